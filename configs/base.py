@@ -1,0 +1,160 @@
+"""Base configuration: every key of the original CSWIN v2 trainer, original defaults.
+
+All recipes (`gan.py`, `optimized.py`, `quickstart.py`) derive from this file.
+
+Mapping from the original flat keys (config.yaml / code defaults) to this tree:
+
+  original key                      here
+  --------------------------------  -----------------------------------------
+  seed                              seed
+  dataset_source                    data.source  ('arad' | 'synthetic' | 'tfds')
+  data_dir / log_dir / checkpoint_dir  data.data_dir / log_dir / checkpoint_dir
+  batch_size, val_batch_size        batch_size, data.val_batch_size
+  patch_size, stride                data.patch_size, data.stride
+  num_workers, memory_mode          data.num_workers, data.memory_mode
+  (head) lazy_cache_size            data.lazy_cache_size
+  (head) excluded_scene_stems       data.excluded_scenes
+  epochs, iterations_per_epoch      epochs, iterations_per_epoch
+  gradient_accumulation_steps       gradient_accumulation_steps
+  n_critic, mixed_precision         n_critic, mixed_precision
+  warmup_steps                      optim.warmup_steps
+  generator_lr, discriminator_lr    optim.generator_lr, optim.discriminator_lr
+  sinkhorn_epsilon / _iters / _max_points / _kernel_clamp / _force_fp32 / _loss_clip
+                                    sinkhorn.epsilon / iters / max_points / kernel_clamp /
+                                    force_fp32 / loss_clip
+  use_r1_regularization, r1_gamma   loss.use_r1, loss.r1_gamma
+  lambda_rec / _perceptual / _adversarial / _sam
+                                    loss.lambda_rec / lambda_perceptual /
+                                    lambda_adversarial / lambda_sam
+  use_adaptive_weights, loss_warmup_iterations, max_loss_value
+                                    loss.use_adaptive_weights, loss.warmup_iterations,
+                                    loss.max_loss_value
+  checkpoint_keep                   checkpoint_keep
+  in_channels, out_channels, base_channels, split_sizes, norm_groups, num_heads,
+  output_activation, activation_delay_iters, generator_clamp_range, clamp_after_iters
+                                    model.<same name> (generator_clamp_range ->
+                                    model.clamp_range)
+  discriminator_base_dim / _num_heads / _num_blocks / _mlp_ratio / _dropout
+                                    discriminator.base_dim / num_heads / num_blocks /
+                                    mlp_ratio / dropout
+
+Paths default from the environment: HSI_DATA_DIR (./data/ARAD_1K), HSI_LOG_DIR
+(./artifacts/logs), HSI_CKPT_DIR (./artifacts/checkpoints).
+"""
+
+import os
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+
+    # --- run length and batching (counted in generator optimizer steps) -------
+    c.batch_size = 20
+    c.epochs = 300
+    c.iterations_per_epoch = 1000  # validation cadence, in training steps
+    c.gradient_accumulation_steps = 2  # micro-batches per optimizer step
+    c.n_critic = 1  # discriminator update every n_critic generator updates
+    c.mixed_precision = True  # bfloat16 compute, float32 params/optimizer/losses
+    c.max_consecutive_nonfinite = 10
+    c.ema_decay = 0.999
+    c.train_discriminator = True  # False: generator-only recipe (configs/optimized.py)
+
+    # --- paths, logging, checkpoints --------------------------------------------
+    c.log_dir = os.environ.get("HSI_LOG_DIR", "./artifacts/logs")
+    c.checkpoint_dir = os.environ.get("HSI_CKPT_DIR", "./artifacts/checkpoints")
+    c.checkpoint_every = 5000
+    c.checkpoint_keep = 5
+    c.log_every = 20
+    c.init_from = ""  # weights-only initialisation (e.g. a converted PyTorch checkpoint)
+    c.use_wandb = False
+    c.wandb_project = "cswin-jax"
+
+    # --- data -------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "arad"  # 'arad' (MST++ layout) | 'synthetic' | 'tfds'
+    c.data.data_dir = os.environ.get("HSI_DATA_DIR", "./data/ARAD_1K")
+    c.data.tfds_data_dir = ""  # where `arad1k` was prepared; '' = <data_dir>/tfds
+    c.data.excluded_scenes = ["ARAD_1K_0314"]
+    c.data.patch_size = 128
+    c.data.stride = 8
+    c.data.val_batch_size = 1
+    c.data.memory_mode = "standard"  # 'standard' | 'float16' | 'lazy'
+    c.data.lazy_cache_size = 3
+    c.data.num_workers = 2  # grain worker processes (0 = in-process)
+    c.data.prefetch_buffer_size = 2
+    c.data.max_valid_scenes = 0  # 0 = every validation scene
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_train = 8
+    c.data.synthetic.num_valid = 2
+    c.data.synthetic.height = 482
+    c.data.synthetic.width = 512
+    c.data.synthetic.seed = 0
+
+    # --- generator --------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.in_channels = 3
+    c.model.out_channels = 31
+    c.model.base_channels = 64
+    c.model.split_sizes = [7, 7, 7]
+    c.model.norm_groups = 8
+    c.model.num_heads = 4
+    c.model.output_activation = "none"  # none | sigmoid | tanh | delayed_sigmoid
+    c.model.activation_delay_iters = 20000
+    c.model.clamp_range = 10.0  # original: generator_clamp_range
+    c.model.clamp_after_iters = 0
+    c.model.attention_mode = "v2"  # 'v2' (original row/column) | 'cswin' (paper stripes)
+    c.model.remat = "none"  # none | attention | block
+
+    # --- discriminator ----------------------------------------------------------
+    c.discriminator = ml_collections.ConfigDict()
+    c.discriminator.base_dim = 64
+    c.discriminator.num_heads = 8
+    c.discriminator.num_blocks = [2, 2, 2]
+    c.discriminator.mlp_ratio = 2.0
+    c.discriminator.dropout = 0.0
+
+    # --- optimisation -----------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.generator_lr = 2e-4
+    c.optim.discriminator_lr = 5e-5
+    c.optim.b1 = 0.5
+    c.optim.b2 = 0.999
+    c.optim.warmup_steps = 2000
+    c.optim.end_lr = 1e-6
+    c.optim.grad_clip_norm = 1.0
+    c.optim.total_steps = 0  # 0 = epochs * iterations_per_epoch
+
+    # --- losses -----------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.lambda_rec = 1.0
+    c.loss.lambda_perceptual = 0.0
+    c.loss.lambda_adversarial = 0.1
+    c.loss.lambda_sam = 0.05
+    c.loss.lambda_mrae = 0.0
+    c.loss.use_adaptive_weights = True
+    c.loss.warmup_iterations = 5000
+    c.loss.max_loss_value = 100.0
+    c.loss.use_r1 = True  # original: use_r1_regularization
+    c.loss.r1_gamma = 10.0
+    c.loss.r1_interval = 16  # lazy R1: every 16 discriminator steps, scaled by 16
+
+    c.sinkhorn = ml_collections.ConfigDict()
+    c.sinkhorn.epsilon = 0.1
+    c.sinkhorn.iters = 50
+    c.sinkhorn.max_points = 1024
+    c.sinkhorn.kernel_clamp = 60.0
+    c.sinkhorn.force_fp32 = True
+    c.sinkhorn.loss_clip = 5.0
+
+    # --- validation / evaluation -------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.clamp_predictions = False
+    c.eval.tiled = False
+    c.eval.tile_size = 128
+    c.eval.tile_overlap = 16
+    c.eval.tile_batch_size = 4
+    return c

@@ -1,0 +1,1 @@
+"""Flax networks: the CSWin generator and the spectral-norm discriminator."""

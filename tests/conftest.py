@@ -1,0 +1,35 @@
+"""Test-wide JAX settings: 8 virtual CPU devices, fast compiles, a persistent cache.
+
+These must be set before jax is imported anywhere, so they live here.
+"""
+
+import os
+import pathlib
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    # CPU compile time dominates the suite; tiny test shapes do not need optimised code.
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+GOLDEN_DIR = pathlib.Path(
+    os.environ.get("CSWIN_GOLDEN_DIR", _ROOT.parent / "shared" / "reference" / "golden")
+)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    """Folder of the original's golden `.npz` files; skips the test when it is absent."""
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden data not found at {GOLDEN_DIR} (set CSWIN_GOLDEN_DIR)")
+    return GOLDEN_DIR
