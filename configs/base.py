@@ -50,6 +50,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
+    c.recipe = "base"
     c.seed = 42
 
     # --- run length and batching (counted in generator optimizer steps) -------

@@ -1,0 +1,69 @@
+"""Training entry point.
+
+  python -m cswin_jax.main --config=configs/gan.py --workdir=DIR [--config.batch_size=8 ...]
+
+This file is intentionally kept short: flags, multi-host start-up, then one call into
+`train.train_and_evaluate`.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run folder for logs and checkpoints (default: config.log_dir and config.checkpoint_dir).",
+)
+
+
+def _maybe_initialize_distributed() -> None:
+    """Starts jax.distributed when launched as one of several processes.
+
+    Recognised: JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID (launch.sh),
+    torchrun-style MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK, and SLURM (auto-detected).
+    """
+    import jax  # noqa: PLC0415
+
+    env = os.environ
+    if int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif int(env.get("WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize(
+            coordinator_address=f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}",
+            num_processes=int(env["WORLD_SIZE"]),
+            process_id=int(env["RANK"]),
+        )
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info(
+        "jax.distributed: process %d of %d, %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/gan.py")
+    _maybe_initialize_distributed()
+    from cswin_jax import train  # noqa: PLC0415 - after distributed start-up
+
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

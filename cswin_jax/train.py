@@ -1,0 +1,635 @@
+"""Training: the Sinkhorn-GAN step, the generator-only step, and the training loop.
+
+`train_step(state, batch) -> (state, metrics)` is pure and jitted once with explicit
+shardings over a `('data',)` mesh: parameters and optimizer states replicated, batches split
+along the batch axis. One call is one generator optimizer step:
+
+1. Generator: `gradient_accumulation_steps` micro-batches (`batch['rgb']` is
+   `[A, B, P, P, 3]`) are scanned; each runs G, D(real) and D(fake) (D frozen), the combined
+   loss of `losses.generator_loss` and its gradient; the mean gradient is clipped to global
+   norm `optim.grad_clip_norm` and applied with Adam. The EMA of the generator weights follows.
+2. Discriminator (every `n_critic` generator steps): on the last micro-batch, with the fake
+   from step 1 detached, loss `-mean S(real, fake)` plus lazy R1 (every `loss.r1_interval`
+   discriminator steps, scaled by the interval), clipped and applied with its own Adam.
+
+Spectral-norm state advances on every training-mode discriminator call, as in the original.
+A step whose loss or gradients are not finite changes nothing (parameters, optimizer states,
+EMA) and is counted; the loop stops after `max_consecutive_nonfinite` in a row.
+
+Differences from the original CSWIN v2 PyTorch trainer, all deliberate fixes (SPEC §11):
+learning-rate horizons count optimizer steps; eta_min is absolute; R1 fires (½γ, lazy);
+n_critic means "one D step every n_critic G steps"; losses run in float32 under bfloat16
+compute; EMA weights are validated and kept as the best model; every validation scene is
+scored; training resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cswin_jax import checkpoint as ckpt_lib
+from cswin_jax import losses, metrics, sharding
+from cswin_jax.data import pipeline
+from cswin_jax.models import discriminator as disc_lib
+from cswin_jax.models import generator as gen_lib
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped."""
+
+    step: jax.Array  # generator optimizer steps taken
+    disc_step: jax.Array  # discriminator optimizer steps taken
+    gen_params: PyTree
+    ema_params: PyTree
+    opt_state_g: PyTree
+    disc_params: PyTree | None
+    disc_spectral_norm: PyTree | None
+    opt_state_d: PyTree | None
+    rng: jax.Array  # raw uint32 key data (portable through Orbax)
+    nonfinite_streak: jax.Array  # consecutive skipped steps right now
+    nonfinite_peak: jax.Array  # longest streak seen (checked by the host loop)
+    nonfinite_total: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration checks and optimizers
+# ---------------------------------------------------------------------------------------------
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+    """Training length in generator optimizer steps."""
+    if config.optim.total_steps:
+        return int(config.optim.total_steps)
+    return int(config.epochs * config.iterations_per_epoch)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Rejects settings the trainer cannot run, naming the key and the fix."""
+
+    def fail(key, msg):
+        raise ValueError(f"config.{key}: {msg}")
+
+    if config.n_critic < 1:
+        fail(
+            "n_critic",
+            f"must be >= 1 (one discriminator step every n_critic generator "
+            f"steps), got {config.n_critic}",
+        )
+    if config.gradient_accumulation_steps < 1:
+        fail(
+            "gradient_accumulation_steps", f"must be >= 1, got {config.gradient_accumulation_steps}"
+        )
+    if config.batch_size < 1:
+        fail("batch_size", f"must be >= 1, got {config.batch_size}")
+    if config.batch_size % num_devices:
+        fail(
+            "batch_size",
+            f"{config.batch_size} is not divisible by the {num_devices} devices "
+            f"of the mesh; use a multiple of {num_devices}",
+        )
+    if config.batch_size % jax.process_count():
+        fail(
+            "batch_size",
+            f"{config.batch_size} is not divisible by the {jax.process_count()} processes",
+        )
+    if total_steps(config) < 1:
+        fail("epochs", "epochs * iterations_per_epoch (or optim.total_steps) must be >= 1")
+    if config.iterations_per_epoch < 1:
+        fail("iterations_per_epoch", f"must be >= 1, got {config.iterations_per_epoch}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        fail("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
+    if config.model.remat not in ("none", "attention", "block"):
+        fail("model.remat", f"unknown policy {config.model.remat!r}; use none | attention | block")
+
+
+def lr_schedule(peak_lr: float, warmup: int, horizon: int, end_lr: float) -> optax.Schedule:
+    """Linear warmup then cosine to the absolute floor `end_lr`, in optimizer steps.
+
+    The warmup starts at 2/(warmup+1) of the peak, the original's first-step factor.
+    """
+    horizon = max(horizon, warmup + 1)
+    if warmup <= 0:
+        return optax.cosine_decay_schedule(peak_lr, horizon, alpha=end_lr / peak_lr)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak_lr * 2.0 / (warmup + 1),
+        peak_value=peak_lr,
+        warmup_steps=warmup,
+        decay_steps=horizon,
+        end_value=end_lr,
+    )
+
+
+def make_optimizer(lr: float, config: ml_collections.ConfigDict, horizon: int):
+    schedule = lr_schedule(lr, config.optim.warmup_steps, horizon, config.optim.end_lr)
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.optim.grad_clip_norm),
+        optax.adam(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=1e-8),
+    )
+    return tx, schedule
+
+
+def _models(config: ml_collections.ConfigDict):
+    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
+    gen = gen_lib.build_generator(config.model, dtype=dtype)
+    disc = disc_lib.build_discriminator(config.discriminator, dtype=dtype)
+    return gen, disc
+
+
+def _tree_select(pred, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds the models, the optimizers and the pure step functions of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.gen, self.disc = _models(config)
+        self.eval_gen = gen_lib.build_generator(config.model, dtype=jnp.float32)
+        self.use_disc = bool(config.train_discriminator)
+        horizon = total_steps(config)
+        self.tx_g, self.sched_g = make_optimizer(config.optim.generator_lr, config, horizon)
+        d_horizon = max(1, horizon // config.n_critic)
+        self.tx_d, self.sched_d = make_optimizer(config.optim.discriminator_lr, config, d_horizon)
+
+    # -- initialisation ---------------------------------------------------------------------
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Fresh parameters (PyTorch-default initialisation) and optimizer states."""
+        p = self.config.data.patch_size
+        rgb = jnp.zeros((1, p, p, self.config.model.in_channels), jnp.float32)
+        hsi = jnp.zeros((1, p, p, self.config.model.out_channels), jnp.float32)
+        key_g, key_d, key_run = jax.random.split(rng, 3)
+        gen_params = self.gen.init(key_g, rgb, train=False)["params"]
+        disc_params = disc_sn = opt_d = None
+        if self.use_disc:
+            disc_vars = self.disc.init(key_d, rgb, hsi, train=False)
+            disc_params = disc_vars["params"]
+            disc_sn = disc_vars["spectral_norm"]
+            opt_d = self.tx_d.init(disc_params)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero,
+            disc_step=zero,
+            gen_params=gen_params,
+            ema_params=jax.tree.map(jnp.copy, gen_params),
+            opt_state_g=self.tx_g.init(gen_params),
+            disc_params=disc_params,
+            disc_spectral_norm=disc_sn,
+            opt_state_d=opt_d,
+            rng=jax.random.key_data(key_run),
+            nonfinite_streak=zero,
+            nonfinite_peak=zero,
+            nonfinite_total=zero,
+        )
+
+    # -- generator ----------------------------------------------------------------------------
+
+    def _disc_train(self, params, sn_state, rgb, hsi):
+        logits, updates = self.disc.apply(
+            {"params": params, "spectral_norm": sn_state},
+            rgb,
+            hsi,
+            train=True,
+            mutable=["spectral_norm"],
+        )
+        return logits, updates["spectral_norm"]
+
+    def _generator_micro_step(self, state: TrainState, sn_state, rgb, hsi):
+        """Loss and gradient of the generator on one micro-batch."""
+        config = self.config
+        real_logits = None
+        if self.use_disc:
+            real_logits, sn_state = self._disc_train(state.disc_params, sn_state, rgb, hsi)
+            real_logits = jax.lax.stop_gradient(real_logits)
+
+        def loss_fn(gen_params):
+            hsi_pred = self.gen.apply({"params": gen_params}, rgb, train=True, step=state.step)
+            hsi_pred = hsi_pred.astype(jnp.float32)
+            new_sn = sn_state
+            if self.use_disc:
+                fake_logits, new_sn = self._disc_train(state.disc_params, sn_state, rgb, hsi_pred)
+                total, terms = losses.generator_loss(
+                    hsi_pred, hsi, fake_logits, real_logits, state.step, config
+                )
+            else:
+                total, terms = self._reconstruction_loss(hsi_pred, hsi)
+            return total, (terms, hsi_pred, new_sn)
+
+        (loss, (terms, hsi_pred, sn_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.gen_params
+        )
+        return loss, terms, grads, jax.lax.stop_gradient(hsi_pred), sn_state
+
+    def _reconstruction_loss(self, hsi_pred, hsi):
+        """Generator-only objective: Charbonnier (+ lambda_mrae * MRAE)."""
+        loss_cfg = self.config.loss
+        rec = losses.charbonnier(hsi_pred, hsi)
+        total = loss_cfg.lambda_rec * rec
+        terms = {"reconstruction": rec}
+        if loss_cfg.lambda_mrae:
+            mrae = losses.mrae_loss(hsi_pred, hsi)
+            total = total + loss_cfg.lambda_mrae * mrae
+            terms["mrae"] = mrae
+        return total, terms
+
+    # -- discriminator ------------------------------------------------------------------------
+
+    def _discriminator_update(self, state: TrainState, sn_state, rgb, hsi, hsi_fake):
+        config = self.config
+        interval = max(1, int(config.loss.r1_interval))
+        do_r1 = state.disc_step % interval == 0
+
+        def loss_fn(disc_params):
+            real_logits, sn = self._disc_train(disc_params, sn_state, rgb, hsi)
+            fake_logits, sn = self._disc_train(disc_params, sn, rgb, hsi_fake)
+            adv = losses.discriminator_sinkhorn_loss(real_logits, fake_logits, config.sinkhorn)
+
+            def with_r1(sn_in):
+                def logits_fn(h):
+                    return self._disc_train(disc_params, sn_in, rgb, h)
+
+                penalty, sn_out = losses.r1_penalty(logits_fn, hsi, config.loss.r1_gamma)
+                return penalty.astype(jnp.float32), sn_out
+
+            def without_r1(sn_in):
+                return jnp.zeros((), jnp.float32), sn_in
+
+            if config.loss.use_r1:
+                r1, sn = jax.lax.cond(do_r1, with_r1, without_r1, sn)
+            else:
+                r1 = jnp.zeros((), jnp.float32)
+            # Lazy regularisation: applied every `interval` steps, scaled by the interval.
+            total = adv + interval * r1
+            return total, ({"disc_sinkhorn": adv, "r1": r1}, sn)
+
+        (loss, (terms, new_sn)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.disc_params
+        )
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt = self.tx_d.update(grads, state.opt_state_d, state.disc_params)
+        new_params = optax.apply_updates(state.disc_params, updates)
+        state = state.replace(
+            disc_params=_tree_select(finite, new_params, state.disc_params),
+            opt_state_d=_tree_select(finite, new_opt, state.opt_state_d),
+            disc_spectral_norm=_tree_select(finite, new_sn, state.disc_spectral_norm),
+            disc_step=state.disc_step + finite.astype(jnp.int32),
+        )
+        out = {
+            "disc_loss": loss,
+            "disc_grad_norm": optax.tree.norm(grads),
+            "disc_skipped": (~finite).astype(jnp.int32),
+            **terms,
+        }
+        return state, out
+
+    # -- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        """One generator update (and a discriminator update every n_critic steps).
+
+        Args:
+          state: the TrainState.
+          batch: `rgb: [A, B, P, P, 3]`, `hsi: [A, B, P, P, 31]` float32, A micro-batches.
+        Returns:
+          (new_state, metrics) with float32 scalar metrics.
+        """
+        config = self.config
+        rgb_all, hsi_all = batch["rgb"], batch["hsi"]
+        sn0 = state.disc_spectral_norm
+
+        def micro(carry, xs):
+            grad_sum, loss_sum, sn = carry
+            rgb, hsi = xs
+            loss, terms, grads, hsi_pred, sn = self._generator_micro_step(state, sn, rgb, hsi)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss, sn), (terms, hsi_pred)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.gen_params)
+        (grad_sum, loss_sum, sn), (terms, hsi_preds) = jax.lax.scan(
+            micro, (zeros, jnp.zeros((), jnp.float32), sn0), (rgb_all, hsi_all)
+        )
+        n_micro = rgb_all.shape[0]
+        grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+        gen_loss = loss_sum / n_micro
+        finite = jnp.isfinite(gen_loss) & _all_finite(grads)
+
+        updates, new_opt = self.tx_g.update(grads, state.opt_state_g, state.gen_params)
+        new_params = optax.apply_updates(state.gen_params, updates)
+        decay = config.ema_decay
+        new_ema = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params
+        )
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            gen_params=_tree_select(finite, new_params, state.gen_params),
+            opt_state_g=_tree_select(finite, new_opt, state.opt_state_g),
+            ema_params=_tree_select(finite, new_ema, state.ema_params),
+            disc_spectral_norm=sn if self.use_disc else None,
+            nonfinite_streak=streak,
+            nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        out = {
+            "gen_loss": gen_loss,
+            "gen_grad_norm": optax.tree.norm(grads),
+            "lr_g": self.sched_g(state.step),
+            "gen_skipped": (~finite).astype(jnp.int32),
+            "nonfinite_total": new_state.nonfinite_total,
+        }
+        out.update({k: jnp.mean(v) for k, v in terms.items()})
+
+        if self.use_disc:
+            run_d = finite & (state.step % config.n_critic == 0)
+            d_metric_keys = ("disc_loss", "disc_grad_norm", "disc_skipped", "disc_sinkhorn", "r1")
+
+            def d_update(s):
+                return self._discriminator_update(
+                    s, s.disc_spectral_norm, rgb_all[-1], hsi_all[-1], hsi_preds[-1]
+                )
+
+            def no_d_update(s):
+                return s, {
+                    k: jnp.zeros((), jnp.float32 if k != "disc_skipped" else jnp.int32)
+                    for k in d_metric_keys
+                }
+
+            new_state, d_out = jax.lax.cond(run_d, d_update, no_d_update, new_state)
+            out.update(d_out)
+            out["lr_d"] = self.sched_d(state.disc_step)
+        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def predict(self, params, rgb: jax.Array) -> jax.Array:
+        """`rgb: [B, H, W, 3]` -> `[B, H, W, 31]` with the float32 eval-mode generator."""
+        return self.eval_gen.apply({"params": params}, rgb, train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _state_shardings(state_shape: TrainState, mesh) -> TrainState:
+    repl = sharding.replicated(mesh)
+    return jax.tree.map(lambda _: repl, state_shape)
+
+
+def _batch_sharding(mesh):
+    # [A, B, P, P, C]: the batch axis B is split over the devices.
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def _architecture(config_dict: Mapping) -> dict:
+    keys = ("model", "discriminator", "train_discriminator")
+    return {k: config_dict.get(k) for k in keys}
+
+
+class _StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received signal %d: saving a checkpoint, then exiting", signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stack_micro_batches(iterator, n: int) -> dict[str, np.ndarray]:
+    parts = [next(iterator) for _ in range(n)]
+    return {k: np.stack([p[k] for p in parts]) for k in ("rgb", "hsi")}
+
+
+def evaluate_scenes(
+    predict_fn: Callable, params, scenes, *, clamp_predictions: bool = False
+) -> dict[str, float]:
+    """Mean centre-crop metrics over `scenes` (iterable of (stem, rgb, hsi))."""
+    rows = []
+    for _, rgb, hsi in scenes:
+        if hsi is None:
+            continue
+        pred = np.asarray(predict_fn(params, jnp.asarray(rgb)[None]))[0]
+        m = metrics.center_crop_metrics(pred, hsi, clamp_predictions=clamp_predictions)
+        rows.append({k: float(v) for k, v in m.items()})
+    if not rows:
+        raise ValueError("validation split has no scene with ground truth")
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> TrainState:
+    """Trains (resuming from the newest checkpoint), validates and checkpoints.
+
+    Args:
+      config: a config from `configs/`.
+      workdir: run folder for TensorBoard events and checkpoints; when None, events go to
+        `config.log_dir` and checkpoints to `config.checkpoint_dir`.
+    Returns:
+      The final TrainState.
+    """
+    from cswin_jax import metric_writers  # noqa: PLC0415
+
+    mesh = sharding.make_mesh()
+    validate_config(config, mesh.size)
+    log_dir = pathlib.Path(workdir) if workdir else pathlib.Path(config.log_dir)
+    ckpt_root = (
+        pathlib.Path(workdir) / "checkpoints" if workdir else pathlib.Path(config.checkpoint_dir)
+    )
+    is_chief = jax.process_index() == 0
+    writer = metric_writers.MetricWriter(log_dir, config, enabled=is_chief)
+    config_dict = config.to_dict()
+
+    data_root = pipeline.resolve_data_root(config, workdir or log_dir)
+    train_iter = pipeline.create_train_iterator(config, data_root)
+    valid_scenes = pipeline.load_split(config, data_root, split="valid")
+    if config.data.max_valid_scenes:
+        valid_scenes = valid_scenes[: config.data.max_valid_scenes]
+
+    trainer = Trainer(config)
+    rng = jax.random.key(config.seed)
+    state_shape = jax.eval_shape(trainer.init_state, rng)
+    state_sharding = _state_shardings(state_shape, mesh)
+    init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
+
+    checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved = checkpointer.restore_config(latest) or {}
+        if _architecture(saved) != _architecture(config_dict):
+            raise ValueError(
+                f"{ckpt_root} holds a checkpoint of another architecture "
+                f"({json.dumps(_architecture(saved))}); use a new --workdir, or start from its "
+                "weights with --config.init_from=PATH"
+            )
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            state_shape,
+            state_sharding,
+        )
+        state, restored_step = checkpointer.restore(abstract, train_iter)
+        logging.info("resumed from %s at step %d", ckpt_root, int(state.step))
+    else:
+        state = init_fn(rng)
+        if config.init_from:
+            state = _load_initial_weights(state, config.init_from, state_sharding)
+    best_mrae = checkpointer.best_metric()
+    best_mrae = math.inf if best_mrae is None else best_mrae
+
+    batch_sharding = _batch_sharding(mesh)
+    step_fn = jax.jit(
+        trainer.train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    predict_fn = jax.jit(trainer.predict)
+
+    n_steps = total_steps(config)
+    start = int(state.step)
+    accum = config.gradient_accumulation_steps
+    patches_per_step = config.batch_size * accum
+    history: list[dict] = []
+    t0 = time.time()
+    progress = metric_writers.Progress(n_steps, start)
+    with _StopRequested() as stop:
+        step = start
+        while step < n_steps:
+            host_batch = _stack_micro_batches(train_iter, accum)
+            batch = {
+                k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in host_batch.items()
+            }
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            history.append(step_metrics)
+            if step % config.log_every == 0 or step == n_steps:
+                fetched = jax.device_get(history)
+                history = []
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                elapsed = time.time() - t0
+                summary["patches_per_second"] = patches_per_step * len(fetched) / max(elapsed, 1e-9)
+                t0 = time.time()
+                writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                progress.update(step, summary)
+                peak = int(jax.device_get(state.nonfinite_peak))
+                if peak >= config.max_consecutive_nonfinite:
+                    checkpointer.wait()
+                    raise FloatingPointError(
+                        f"{peak} consecutive training steps had non-finite losses or gradients "
+                        f"(limit max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
+                        f"the last good state is in {ckpt_root}. Lower the learning rates or "
+                        "check the data for NaN/Inf."
+                    )
+            if step % config.iterations_per_epoch == 0 or step == n_steps:
+                val = evaluate_scenes(
+                    predict_fn,
+                    state.ema_params,
+                    valid_scenes,
+                    clamp_predictions=config.eval.clamp_predictions,
+                )
+                writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+                logging.info(
+                    "step %d validation (EMA weights): %s",
+                    step,
+                    " ".join(f"{k}={v:.5g}" for k, v in val.items()),
+                )
+                if val["mrae"] < best_mrae:
+                    best_mrae = val["mrae"]
+                    checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+            if step % config.checkpoint_every == 0 or step == n_steps or stop.signum:
+                checkpointer.save(step, state, config_dict, train_iter, force=True)
+            if stop.signum:
+                break
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    progress.close()
+    return state
+
+
+def _model_weights(state: TrainState) -> dict:
+    weights = {"generator": {"params": state.ema_params}}
+    if state.disc_params is not None:
+        weights["discriminator"] = {
+            "params": state.disc_params,
+            "spectral_norm": state.disc_spectral_norm,
+        }
+    return weights
+
+
+def _load_initial_weights(state: TrainState, path: str, state_sharding) -> TrainState:
+    """`--config.init_from`: weights only (e.g. a converted PyTorch checkpoint)."""
+    gen_params, disc_vars, _ = ckpt_lib.restore_model_variables(path)
+
+    def fit(target, loaded, what):
+        t_struct = jax.tree.structure(target)
+        l_struct = jax.tree.structure(loaded)
+        if t_struct != l_struct:
+            raise ValueError(
+                f"init_from={path}: the {what} weights have another structure than "
+                "this config's model; check config.model / config.discriminator"
+            )
+        for t, l in zip(jax.tree.leaves(target), jax.tree.leaves(loaded), strict=True):
+            if t.shape != np.shape(l):
+                raise ValueError(
+                    f"init_from={path}: {what} weight shape {np.shape(l)} != "
+                    f"{t.shape} expected by this config"
+                )
+        return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
+
+    gen = fit(state.gen_params, gen_params, "generator")
+    state = state.replace(gen_params=gen, ema_params=jax.tree.map(jnp.copy, gen))
+    if disc_vars is not None and state.disc_params is not None:
+        state = state.replace(
+            disc_params=fit(state.disc_params, disc_vars["params"], "discriminator"),
+            disc_spectral_norm=fit(
+                state.disc_spectral_norm, disc_vars["spectral_norm"], "discriminator spectral-norm"
+            ),
+        )
+    logging.info("initialised weights from %s", path)
+    return jax.device_put(state, state_sharding)
