@@ -1,0 +1,427 @@
+"""The spectral-norm transformer discriminator of the original CSWIN v2 PyTorch code, NHWC.
+
+`Discriminator(rgb, hsi)` concatenates `rgb: [B, H, W, 3]` and `hsi: [B, H, W, 31]` and returns
+a patch map of realness logits `[B, H', W', 1]` (float32, clamped to +-10) with
+H' = floor((floor((H - 1) / 2)) / 2) + 1 (32x32 for 128x128 patches):
+
+  input_proj        SN conv 7x7 (34 -> D) -> GELU                      (D = base_dim)
+  encoder_stages_0  blocks at D, full resolution
+  encoder_stages_1  downsample SN conv 3x3 stride 2 pad 1 (D -> 2D) -> GELU, blocks at 2D
+  encoder_stages_2  downsample SN conv 3x3 stride 2 pad 1 (2D -> 4D) -> GELU, blocks at 4D
+  output_proj       SN conv 3x3 (4D -> 2D) -> GELU -> SN conv 1x1 (2D -> 1), clamp +-10
+
+Each block: x += 0.1 * MDTA(LN1(x)); x += 0.1 * MLP(LN2(x)), with channel LayerNorm (eps 1e-5)
+and Restormer-style channel attention (per-head learnable temperature, q/k L2-normalised over
+pixels, logits clamped to +-50, float32 softmax). Every convolution is spectrally normalised.
+
+Variables: `{'params': ..., 'spectral_norm': ...}`. Module names follow the original's attribute
+names (see `cswin_jax.convert`): `input_proj/conv`, `encoder_stages_1/downsample/conv`,
+`encoder_stages_0/blocks_0/{norm1,norm2}`, `.../attn/{temperature,qkv,qkv_dwconv,project_out}`,
+`.../mlp_0`, `.../mlp_3`, `output_proj_0`, `output_proj_2`. Conv kernels are HWIO, named
+`kernel` (the original's `weight_orig`); each conv's power-iteration vectors are `u` (O,) and
+`v` (I/groups * kh * kw,) in collection `spectral_norm`, in the original's order.
+
+Usage:
+  train (advances u, v):  logits, updates = D.apply(vars, rgb, hsi, train=True,
+                                                    mutable=['spectral_norm'])
+  eval (stored u, v):     logits = D.apply(vars, rgb, hsi, train=False)
+
+Non-finite values: the original raises in training mode (not possible inside `jit`; the trainer
+checks losses instead) and falls back in eval mode; the eval fallbacks are reproduced here: a
+non-finite input gives an all-zero output map, non-finite attention logits become 0, and a block
+whose output is not finite everywhere passes its input through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax import lax
+
+from cswin_jax.models.layers import depthwise_conv3x3, gelu, torch_uniform_init
+
+Array = jax.Array
+Dtype = Any
+
+RGB_CHANNELS = 3
+HSI_CHANNELS = 31
+SPECTRAL_NORM_EPS = 1e-6  # torch.nn.utils.spectral_norm(eps=1e-6) in the original
+ATTENTION_L2_EPS = 1e-12  # F.normalize default
+ATTENTION_LOGIT_CLAMP = 50.0
+OUTPUT_CLAMP = 10.0
+RESIDUAL_SCALE = 0.1
+LAYER_NORM_EPS = 1e-5
+
+
+def xavier_uniform(gain: float) -> nn.initializers.Initializer:
+    """PyTorch `xavier_uniform_(w, gain)`: U(+-gain * sqrt(6 / (fan_in + fan_out))).
+
+    For an HWIO kernel, fan_in = kh*kw*I and fan_out = kh*kw*O, as PyTorch computes them from
+    the OIHW weight (I is the per-group input width for grouped convs).
+    """
+    return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform", in_axis=-2, out_axis=-1)
+
+
+def _l2_normalize(x: Array, eps: float) -> Array:
+    """`F.normalize(x, dim=0, eps)`: x / max(||x||, eps)."""
+    return x / jnp.maximum(jnp.linalg.norm(x), eps)
+
+
+def _random_unit_vector(key: Array, size: int) -> Array:
+    """The original's u/v start state: N(0, 1) samples, L2-normalised (eps 1e-12)."""
+    return _l2_normalize(jax.random.normal(key, (size,), jnp.float32), 1e-12)
+
+
+def kernel_matrix(kernel: Array) -> Array:
+    """HWIO `[kh, kw, I, O]` -> the original's `weight_orig.reshape(O, -1)`: `[O, I*kh*kw]`."""
+    return jnp.transpose(kernel, (3, 2, 0, 1)).reshape(kernel.shape[-1], -1)
+
+
+def spectral_sigma(kernel: Array, u: Array, v: Array) -> Array:
+    """sigma = u . (W v), with gradient through the kernel only. Can be negative (see SNConv)."""
+    u, v = lax.stop_gradient(u), lax.stop_gradient(v)
+    w_v = jnp.dot(kernel_matrix(kernel.astype(jnp.float32)), v, precision=lax.Precision.HIGHEST)
+    return jnp.dot(u, w_v, precision=lax.Precision.HIGHEST)
+
+
+class SNConv(nn.Module):
+    """Spectrally normalised 2-D convolution: `torch.nn.utils.spectral_norm(nn.Conv2d(...))`.
+
+    x: [B, H, W, I] -> [B, H', W', O]. Kernel `[kh, kw, I/groups, O]` in `params`; `u` (O,) and
+    `v` (I/groups*kh*kw,) in collection `spectral_norm`, both random unit vectors at init.
+
+    With W = the kernel as the original's `(O, I/groups*kh*kw)` matrix (`kernel_matrix`):
+      train=True : one power iteration on the stored vectors, v <- normalize(W^T u),
+                   u <- normalize(W v) (eps 1e-6, no gradient), written back; then
+                   sigma = u . (W v).
+      train=False: sigma = u . (W v) from the stored u, v, with no power iteration.
+    The conv uses W / sigma; gradients flow through W (in both W and sigma), never through u, v.
+
+    Why not `flax.linen.SpectralNorm`: it stores only u, as `(1, O)` over a `(kh*kw*I, O)`
+    matrix, runs its power iteration in eval mode too and divides by that fresh sigma = ||W v||,
+    which is >= 0. The original's eval uses the *stored* u and v, and at init they are
+    independent random vectors, so sigma = u . (W v) is small and often negative (the golden
+    data's `debug/sigma_initial` holds values from -0.22 to 0.2); a freshly initialised model's
+    eval outputs therefore differ in sign and magnitude from anything `nn.SpectralNorm` gives. It
+    also names its state `kernel/u` in `batch_stats`, which the checkpoint converter cannot map
+    onto the original's `weight_u` / `weight_v` buffers.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    strides: int = 1
+    padding: int = 0
+    feature_group_count: int = 1
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer | None = None  # None: PyTorch default init
+    bias_init: nn.initializers.Initializer | None = None  # None: PyTorch default fan-in uniform
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        in_features = x.shape[-1]
+        groups = self.feature_group_count
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"{self.name}: {in_features} input / {self.features} output channels are not "
+                f"divisible into {groups} groups"
+            )
+        kh, kw = self.kernel_size
+        fan_in = kh * kw * (in_features // groups)
+        kernel_init = self.kernel_init or torch_uniform_init(fan_in)
+        kernel = self.param(
+            "kernel", kernel_init, (kh, kw, in_features // groups, self.features), self.param_dtype
+        )
+        u = self.variable(
+            "spectral_norm",
+            "u",
+            lambda: _random_unit_vector(self.make_rng("params"), self.features),
+        )
+        v = self.variable(
+            "spectral_norm", "v", lambda: _random_unit_vector(self.make_rng("params"), fan_in)
+        )
+        if train and not self.is_initializing():
+            if not self.is_mutable_collection("spectral_norm"):
+                raise ValueError(
+                    f"{self.name}: a train=True discriminator call advances the spectral-norm "
+                    "power iteration; pass mutable=['spectral_norm'] to apply()"
+                )
+            w_mat = lax.stop_gradient(kernel_matrix(kernel.astype(jnp.float32)))
+            hi = lax.Precision.HIGHEST
+            v_new = _l2_normalize(jnp.dot(u.value, w_mat, precision=hi), SPECTRAL_NORM_EPS)
+            u_new = _l2_normalize(jnp.dot(w_mat, v_new, precision=hi), SPECTRAL_NORM_EPS)
+            u.value, v.value = u_new, v_new
+        sigma = spectral_sigma(kernel, u.value, v.value)
+        weight = (kernel.astype(jnp.float32) / sigma).astype(self.dtype)
+
+        x = x.astype(self.dtype)
+        if (kh, kw) == (1, 1) and groups == 1 and self.strides == 1 and self.padding == 0:
+            y = jnp.dot(x, weight[0, 0])
+        elif (
+            (kh, kw) == (3, 3)
+            and groups == in_features == self.features
+            and self.strides == 1
+            and self.padding == 1
+        ):
+            # Nine shifted multiply-adds: XLA CPU's grouped convolution is far slower.
+            y = depthwise_conv3x3(x, weight)
+        else:
+            y = lax.conv_general_dilated(
+                x,
+                weight,
+                window_strides=(self.strides, self.strides),
+                padding=((self.padding, self.padding), (self.padding, self.padding)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups,
+            )
+        if self.use_bias:
+            bias_init = self.bias_init or torch_uniform_init(fan_in)
+            bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class SNConvBlock(nn.Module):
+    """SN conv (xavier-uniform gain sqrt(2), zero bias) -> GELU. Submodule name `conv`."""
+
+    features: int
+    kernel_size: int
+    strides: int
+    padding: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        y = SNConv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=self.strides,
+            padding=self.padding,
+            kernel_init=xavier_uniform(math.sqrt(2.0)),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="conv",
+        )(x, train)
+        return gelu(y)
+
+
+class SpectralSelfAttention(nn.Module):
+    """MDTA-style channel attention. x: [B, H, W, C] -> [B, H, W, C].
+
+    qkv = SN dw3x3(SN 1x1(x)) (no biases); channel = head * (C / heads) + j. q and k are
+    L2-normalised over pixels (eps 1e-12) in float32, logits = (q k^T) * temperature clamped to
+    +-50, float32 softmax over the key channels, out = attn v, then SN 1x1 `project_out`.
+    """
+
+    dim: int
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        batch, height, width, _ = x.shape
+        heads = self.num_heads
+        head_dim = self.dim // heads
+        temperature = self.param("temperature", nn.initializers.ones, (heads,), jnp.float32)
+        conv = lambda features, k, groups, name: SNConv(  # noqa: E731
+            features,
+            (k, k),
+            padding=k // 2,
+            feature_group_count=groups,
+            use_bias=False,
+            kernel_init=xavier_uniform(1.0),
+            dtype=self.dtype,
+            name=name,
+        )
+        qkv = conv(3 * self.dim, 1, 1, "qkv")(x, train)
+        qkv = conv(3 * self.dim, 3, 3 * self.dim, "qkv_dwconv")(qkv, train)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        shape = (batch, height * width, heads, head_dim)
+        q = q.reshape(shape).astype(jnp.float32)
+        k = k.reshape(shape).astype(jnp.float32)
+        q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), ATTENTION_L2_EPS)
+        k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), ATTENTION_L2_EPS)
+        logits = jnp.einsum("bnhc,bnhd->bhcd", q, k) * temperature[:, None, None]
+        logits = jnp.clip(logits, -ATTENTION_LOGIT_CLAMP, ATTENTION_LOGIT_CLAMP)
+        if not train:  # the original's eval-mode "NaN-safe logits"
+            logits = jnp.nan_to_num(logits, nan=0.0)
+        attn = jax.nn.softmax(logits, axis=-1)
+        if self.dropout > 0.0:
+            attn = nn.Dropout(self.dropout, deterministic=not train)(attn)
+        out = jnp.einsum("bhcd,bnhd->bnhc", attn.astype(self.dtype), v.reshape(shape))
+        out = out.reshape(batch, height, width, self.dim)
+        return conv(self.dim, 1, 1, "project_out")(out, train)
+
+
+class SNTransformerBlock(nn.Module):
+    """x += 0.1 * attn(LN1(x)); x += 0.1 * MLP(LN2(x)). x: [B, H, W, C] -> same.
+
+    MLP = SN 1x1 (C -> mlp_ratio*C, bias) -> GELU -> dropout -> SN 1x1 (-> C, bias) -> dropout,
+    PyTorch default init, submodules `mlp_0` and `mlp_3` (the original's Sequential indices).
+    LayerNorms run in float32 over the channel axis, eps 1e-5.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        layer_norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name
+        )
+        y = layer_norm("norm1")(x.astype(jnp.float32)).astype(self.dtype)
+        y = SpectralSelfAttention(
+            self.dim, self.num_heads, dropout=self.dropout, dtype=self.dtype, name="attn"
+        )(y, train)
+        x = x + RESIDUAL_SCALE * y
+        y = layer_norm("norm2")(x.astype(jnp.float32)).astype(self.dtype)
+        y = SNConv(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp_0")(y, train)
+        y = gelu(y)
+        if self.dropout > 0.0:
+            y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = SNConv(self.dim, dtype=self.dtype, name="mlp_3")(y, train)
+        if self.dropout > 0.0:
+            y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        return x + RESIDUAL_SCALE * y
+
+
+class DiscriminatorStage(nn.Module):
+    """Optional stride-2 `downsample` SNConvBlock, then `blocks_<i>` at width `dim`."""
+
+    dim: int
+    num_blocks: int
+    num_heads: int
+    mlp_ratio: float
+    dropout: float
+    downsample: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.downsample:
+            x = SNConvBlock(self.dim, 3, 2, 1, dtype=self.dtype, name="downsample")(x, train)
+        for i in range(self.num_blocks):
+            y = SNTransformerBlock(
+                self.dim,
+                self.num_heads,
+                self.mlp_ratio,
+                self.dropout,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )(x, train)
+            # The original reverts a block with a non-finite output to its input (eval only).
+            x = y if train else jnp.where(jnp.all(jnp.isfinite(y)), y, x)
+        return x
+
+
+class Discriminator(nn.Module):
+    """SNTransformerDiscriminator (see the module docstring).
+
+    Fields mirror `config.discriminator`; `dtype` is the compute dtype (bfloat16 under mixed
+    precision), parameters, norms, softmax and the output stay float32.
+    """
+
+    base_dim: int = 64
+    num_heads: int = 8
+    num_blocks: Sequence[int] = (2, 2, 2)
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    rgb_channels: int = RGB_CHANNELS
+    hsi_channels: int = HSI_CHANNELS
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, rgb: Array, hsi: Array, train: bool = False) -> Array:
+        """rgb: [B, H, W, 3], hsi: [B, H, W, 31] -> logits [B, H', W', 1] float32 in [-10, 10]."""
+        self._check_inputs(rgb, hsi)
+        x = jnp.concatenate([rgb, hsi], axis=-1).astype(self.dtype)
+        x = SNConvBlock(self.base_dim, 7, 1, 3, dtype=self.dtype, name="input_proj")(x, train)
+        dim = self.base_dim
+        for i, blocks in enumerate(self.num_blocks):
+            if i > 0:
+                dim *= 2
+            x = DiscriminatorStage(
+                dim,
+                blocks,
+                self.num_heads,
+                self.mlp_ratio,
+                self.dropout,
+                downsample=i > 0,
+                dtype=self.dtype,
+                name=f"encoder_stages_{i}",
+            )(x, train)
+        x = SNConv(
+            dim // 2,
+            (3, 3),
+            padding=1,
+            kernel_init=xavier_uniform(0.1),
+            dtype=self.dtype,
+            name="output_proj_0",
+        )(x, train)
+        x = gelu(x)
+        x = SNConv(1, kernel_init=xavier_uniform(0.1), dtype=self.dtype, name="output_proj_2")(
+            x, train
+        )
+        logits = jnp.clip(x.astype(jnp.float32), -OUTPUT_CLAMP, OUTPUT_CLAMP)
+        if not train:  # the original's eval fallback for a non-finite input: all zeros
+            finite = jnp.all(jnp.isfinite(rgb)) & jnp.all(jnp.isfinite(hsi))
+            logits = jnp.where(finite, logits, jnp.zeros_like(logits))
+        return logits
+
+    def _check_inputs(self, rgb: Array, hsi: Array) -> None:
+        expected = {"rgb": self.rgb_channels, "hsi": self.hsi_channels}
+        for name, arr in (("rgb", rgb), ("hsi", hsi)):
+            if arr.ndim != 4 or arr.shape[-1] != expected[name]:
+                raise ValueError(
+                    f"Discriminator: expected {name} of shape [B, H, W, {expected[name]}] "
+                    f"(NHWC), found {tuple(arr.shape)}"
+                )
+        if rgb.shape[:3] != hsi.shape[:3]:
+            raise ValueError(
+                f"Discriminator: rgb {tuple(rgb.shape)} and hsi {tuple(hsi.shape)} must share "
+                "batch, height and width"
+            )
+
+
+def build_discriminator(disc_cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> Discriminator:
+    """Discriminator from `config.discriminator` (base_dim, num_heads, num_blocks, mlp_ratio,
+    dropout); `dtype` is the compute dtype."""
+    return Discriminator(
+        base_dim=int(disc_cfg["base_dim"]),
+        num_heads=int(disc_cfg["num_heads"]),
+        num_blocks=tuple(int(b) for b in disc_cfg["num_blocks"]),
+        mlp_ratio=float(disc_cfg["mlp_ratio"]),
+        dropout=float(disc_cfg["dropout"]),
+        dtype=dtype,
+    )
+
+
+def spectral_norm_sigmas(variables: Mapping[str, Any]) -> dict[str, Array]:
+    """sigma = u . (W v) of every SN conv from the stored state, keyed by module path.
+
+    variables: `{'params': ..., 'spectral_norm': ...}` of a Discriminator. Keys are module paths
+    joined with '/', e.g. 'encoder_stages_0/blocks_0/attn/qkv'. Useful for logging how far the
+    power iteration has converged; after any train-mode call every sigma is >= 0.
+    """
+    params = traverse_util.flatten_dict(dict(variables["params"]))
+    state = traverse_util.flatten_dict(dict(variables["spectral_norm"]))
+    sigmas = {}
+    for path, kernel in params.items():
+        if path[-1] != "kernel":
+            continue
+        module = path[:-1]
+        sigmas["/".join(module)] = spectral_sigma(
+            kernel, state[(*module, "u")], state[(*module, "v")]
+        )
+    return sigmas
