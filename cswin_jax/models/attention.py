@@ -1,0 +1,260 @@
+"""The generator's attention modules: spectral attention and CSWin spatial attention, NHWC.
+
+* `EfficientSpectralAttention`: the original's pooled-query/key channel attention.
+* `CSWinAttention`: the original CSWIN v2 algorithm (`attention_mode='v2'`): full-length
+  row and column attention with all heads, zero padding to a multiple of the split size
+  without a key mask, a window-cyclic relative bias and LePE on each branch output.
+* `CSWinStripeAttention`: the CSWin paper's cross-shaped windows (`attention_mode='cswin'`).
+
+Logits, softmax and normalisation statistics are computed in float32 whatever `dtype` is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cswin_jax.models.layers import (
+    DepthwiseConv3x3,
+    GroupNorm,
+    Pointwise,
+    gelu,
+    trunc_normal_init,
+)
+
+Array = jax.Array
+Dtype = Any
+
+# Attention over more than this many logits at once is split into sequential chunks so that a
+# full 482x512 frame does not materialise ~2 GB of logits per branch.
+_MAX_LOGITS_PER_CHUNK = 1 << 24
+
+
+class EfficientSpectralAttention(nn.Module):
+    """The original's `EfficientSpectralAttention(C, heads)`.
+
+    q, k = GroupNorm(8)(1x1 conv(x)) (no bias), v = 1x1 conv(x) (no bias). The spatial means
+    of q and k are L2-normalised per head (eps 1e-8); logits[i, j] = q_i * k_j / sqrt(d) (an
+    outer product of pooled vectors), softmax over j; out[..., head, i] = sum_j attn[i, j]
+    v[..., head, j]; then proj = GroupNorm(8)(1x1 conv(out + pos_embed(x))), where pos_embed
+    is depthwise 3x3 -> GELU -> depthwise 3x3 of the input. The GroupNorms use 8 groups
+    whatever the generator's norm_groups (the original does not pass its config here).
+
+    x: [B, H, W, C] -> [B, H, W, C]. Channel index = head * d + j, d = C / heads.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, height, width, channels = x.shape
+        heads = self.num_heads
+        head_dim = channels // heads
+        q = Pointwise(channels, use_bias=False, dtype=self.dtype, name="to_q_0")(x)
+        q = GroupNorm(8, dtype=self.dtype, name="to_q_1")(q)
+        k = Pointwise(channels, use_bias=False, dtype=self.dtype, name="to_k_0")(x)
+        k = GroupNorm(8, dtype=self.dtype, name="to_k_1")(k)
+        v = Pointwise(channels, use_bias=False, dtype=self.dtype, name="to_v")(x)
+
+        def pooled_unit(t):
+            mean = jnp.mean(t.astype(jnp.float32), axis=(1, 2)).reshape(batch, heads, head_dim)
+            norm = jnp.sqrt(jnp.sum(jnp.square(mean), axis=-1, keepdims=True))
+            return jnp.nan_to_num(mean / jnp.maximum(norm, 1e-8))
+
+        q_unit, k_unit = pooled_unit(q), pooled_unit(k)
+        logits = q_unit[..., :, None] * k_unit[..., None, :] / math.sqrt(head_dim)
+        attn = jax.nn.softmax(logits, axis=-1)  # [B, heads, i, j], float32
+        # Apply the per-head mixing as one block-diagonal [C, C] matrix per image:
+        # out[c_out = head*d + i] = sum_j attn[head, i, j] v[c_in = head*d + j].
+        eye = jnp.eye(heads, dtype=attn.dtype)
+        mixing = jnp.einsum("bhij,hg->bhjgi", attn, eye).reshape(batch, channels, channels)
+        out = jnp.einsum("bxyc,bce->bxye", v, mixing.astype(v.dtype))
+
+        pos = DepthwiseConv3x3(dtype=self.dtype, name="pos_embed_0")(x)
+        pos = DepthwiseConv3x3(dtype=self.dtype, name="pos_embed_2")(gelu(pos))
+        out = Pointwise(channels, dtype=self.dtype, name="proj_0")(out + pos)
+        return GroupNorm(8, dtype=self.dtype, name="proj_1")(out)
+
+
+class LePE(nn.Module):
+    """The original's locally-enhanced positional encoding: x + GELU(depthwise3x3(x)).
+
+    x: [B, H, W, C] -> [B, H, W, C]. (Applied to the attention output, not to V.)
+    """
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return x + gelu(DepthwiseConv3x3(dtype=self.dtype, name="pe_conv_0")(x))
+
+
+def window_cyclic_bias(table_line: Array, length: int, split_size: int) -> Array:
+    """bias[head, i, j] = table_line[(i mod s) - (j mod s) + s - 1, head].
+
+    table_line: [2s - 1, heads] (the centre row or column of a relative-position table).
+    Returns [heads, length, length] float32. Periodic in both axes with period s: the original
+    tiles one s x s block over the whole padded row/column.
+    """
+    pos = np.arange(length) % split_size
+    index = pos[:, None] - pos[None, :] + split_size - 1
+    return jnp.transpose(table_line.astype(jnp.float32)[index], (2, 0, 1))
+
+
+def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: float) -> Array:
+    """softmax(q k^T * scale + bias) v over sequences.
+
+    q, k, v: [N, L, heads, d]; bias: [heads, L, L] (float32) or [N, heads, L, L] or None.
+    Returns [N, L, heads, d] in v's dtype. Logits and softmax in float32.
+    """
+    logits = jnp.einsum("nihd,njhd->nhij", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("nhij,njhd->nihd", probs, v)
+
+
+def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) -> Array:
+    """`_softmax_attention` with a shared bias, run in sequential chunks of sequences when
+    the logits would be large (memory only; numerically identical)."""
+    num_seq, length, heads, _ = q.shape
+    per_seq = heads * length * length
+    if num_seq * per_seq <= _MAX_LOGITS_PER_CHUNK:
+        return _softmax_attention(q, k, v, bias, scale)
+    chunk = max(1, _MAX_LOGITS_PER_CHUNK // per_seq)
+
+    def one(qkv):
+        qi, ki, vi = qkv
+        return _softmax_attention(qi[None], ki[None], vi[None], bias, scale)[0]
+
+    return jax.lax.map(one, (q, k, v), batch_size=chunk)
+
+
+class CSWinAttention(nn.Module):
+    """The original CSWIN v2 `CSWinAttentionBlock(C, heads, s)` (`attention_mode='v2'`).
+
+    The input is zero-padded bottom/right to a multiple of `split_size` (no key mask: padded
+    tokens, whose q/k/v are the qkv biases, are attended to). Horizontal branch: every padded
+    row is one sequence of length Wp with all heads; vertical branch: every padded column, length
+    Hp, with its own qkv weights. Scale d^-1/2. Bias: the window-cyclic bias built from the centre
+    row of `relative_position_bias_table_h` (horizontal) / centre column of `..._v` (vertical).
+    LePE runs on each branch output (on the padded map), the branches are averaged, projected by
+    a 1x1 conv, then cropped back.
+
+    x: [B, H, W, C] -> [B, H, W, C].
+    """
+
+    num_heads: int
+    split_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, height, width, channels = x.shape
+        s, heads = self.split_size, self.num_heads
+        head_dim = channels // heads
+        scale = head_dim**-0.5
+        table_shape = (2 * s - 1, 2 * s - 1, heads)
+        table_h = self.param("relative_position_bias_table_h", trunc_normal_init(), table_shape)
+        table_v = self.param("relative_position_bias_table_v", trunc_normal_init(), table_shape)
+
+        pad_h, pad_w = (-height) % s, (-width) % s
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        hp, wp = height + pad_h, width + pad_w
+
+        def split_heads(qkv, shape):
+            return [t.reshape(shape + (heads, head_dim)) for t in jnp.split(qkv, 3, axis=-1)]
+
+        # Horizontal branch: sequences are rows, [B*Hp, Wp, heads, d].
+        qkv_h = Pointwise(3 * channels, dtype=self.dtype, name="qkv_h")(x)
+        q, k, v = split_heads(qkv_h, (batch * hp, wp))
+        bias_h = window_cyclic_bias(table_h[s - 1], wp, s)
+        out_h = _chunked_attention(q, k, v, bias_h, scale).reshape(batch, hp, wp, channels)
+        out_h = LePE(dtype=self.dtype, name="lepe_h")(out_h)
+
+        # Vertical branch: sequences are columns, [B*Wp, Hp, heads, d].
+        qkv_v = Pointwise(3 * channels, dtype=self.dtype, name="qkv_v")(x)
+        qkv_v = jnp.swapaxes(qkv_v, 1, 2)
+        q, k, v = split_heads(qkv_v, (batch * wp, hp))
+        bias_v = window_cyclic_bias(table_v[:, s - 1], hp, s)
+        out_v = _chunked_attention(q, k, v, bias_v, scale).reshape(batch, wp, hp, channels)
+        out_v = LePE(dtype=self.dtype, name="lepe_v")(jnp.swapaxes(out_v, 1, 2))
+
+        out = Pointwise(channels, dtype=self.dtype, name="proj")((out_h + out_v) / 2)
+        return out[:, :height, :width, :]
+
+
+class CSWinStripeAttention(nn.Module):
+    """The CSWin paper's cross-shaped window attention (`attention_mode='cswin'`).
+
+    One qkv projection (C -> 3C); channels and heads are split in half: the first half attends
+    within vertical stripes (full height x `split_size` columns), the second half within
+    horizontal stripes (`split_size` rows x full width), each token to every token of its
+    stripe. LePE is a depthwise 3x3 conv (with bias) on V, run inside each stripe with zero
+    padding at the stripe border, and added to the attention output. The halves are
+    concatenated and projected (1x1 conv). The map is zero-padded bottom/right to a multiple
+    of `split_size`; padded tokens are masked out as keys and their V is zero.
+
+    x: [B, H, W, C] -> [B, H, W, C]; needs an even `num_heads` and C divisible by it.
+    """
+
+    num_heads: int
+    split_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        batch, height, width, channels = x.shape
+        s, heads = self.split_size, self.num_heads
+        if heads < 2 or heads % 2 or channels % heads:
+            raise ValueError(
+                f"attention_mode='cswin' needs an even num_heads dividing the channels, found "
+                f"num_heads={heads} for {channels} channels"
+            )
+        half, half_heads = channels // 2, heads // 2
+        head_dim = channels // heads
+        scale = head_dim**-0.5
+        pad_h, pad_w = (-height) % s, (-width) % s
+        hp, wp = height + pad_h, width + pad_w
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        valid = np.zeros((hp, wp), bool)
+        valid[:height, :width] = True
+        qkv = Pointwise(3 * channels, dtype=self.dtype, name="qkv")(x)
+        qkv = qkv * jnp.asarray(valid, qkv.dtype)[None, :, :, None]
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+
+        def stripes(t, vertical):
+            # [B, Hp, Wp, c] -> windows [B * n, rows, cols, c].
+            if vertical:
+                t = t.reshape(batch, hp, wp // s, s, t.shape[-1]).transpose(0, 2, 1, 3, 4)
+                return t.reshape(batch * (wp // s), hp, s, t.shape[-1])
+            return t.reshape(batch * (hp // s), s, wp, t.shape[-1])
+
+        def unstripes(t, vertical):
+            if vertical:
+                t = t.reshape(batch, wp // s, hp, s, t.shape[-1]).transpose(0, 2, 1, 3, 4)
+            return t.reshape(batch, hp, wp, t.shape[-1])
+
+        outputs = []
+        branches = ((True, slice(0, half), "get_v_v"), (False, slice(half, None), "get_v_h"))
+        for vertical, part, name in branches:
+            qw, kw, vw = (stripes(t[..., part], vertical) for t in (q, k, v))
+            mask = stripes(jnp.asarray(valid, jnp.float32)[None, :, :, None], vertical)
+            num_win, rows, cols, _ = qw.shape
+            seq = (num_win, rows * cols, half_heads, head_dim)
+            key_mask = mask[..., 0].reshape(num_win, 1, 1, rows * cols)
+            bias = jnp.where(key_mask > 0, 0.0, -jnp.inf)
+            attn = _softmax_attention(
+                qw.reshape(seq), kw.reshape(seq), vw.reshape(seq), bias, scale
+            )
+            lepe = DepthwiseConv3x3(dtype=self.dtype, name=name)(vw)
+            out = attn.reshape(num_win, rows, cols, half) + lepe
+            outputs.append(unstripes(out, vertical))
+        out = Pointwise(channels, dtype=self.dtype, name="proj")(jnp.concatenate(outputs, -1))
+        return out[:, :height, :width, :]

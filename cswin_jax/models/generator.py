@@ -1,0 +1,351 @@
+"""The noise-robust CSWin U-Net generator (RGB -> 31-band HSI), NHWC Flax port.
+
+Topology (the original CSWIN v2 PyTorch generator, B = base_channels):
+
+  x = rgb + denoising(rgb)                       conv3x3 3->B/2, GELU, B/2->B/2, GELU, B/2->3
+  emb = GELU(GN(conv3x3 3->B))                   embedding
+  e1 = encoder1(emb)                             2 x DualTransformerBlock(B, split[0])
+  e2 = encoder2(down1(e1))                       resize to (H//2, W//2), conv3x3 B->2B, GN, GELU
+  x = bottleneck(down2(e2))                      2 x DTB(4B, split[2])
+  x = decoder1(concat[resize(up1(x)), e2])       upsample x2, conv3x3 4B->2B, GN, GELU; 2 x DTB(4B)
+  x = compressor2(concat[resize(up2(compressor1(x))), e1]); x = decoder2(x)
+  hsi = to_spectral(resize(x) + emb)             conv3x3 B->31, then output activation / clamp
+
+`resize` is the size fix for odd inputs (e.g. 241 -> 120 -> 240 rows): a bilinear resize to the
+skip tensor's size, applied after the up module. Parameter names follow `cswin_jax.convert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cswin_jax.models.attention import (
+    CSWinAttention,
+    CSWinStripeAttention,
+    EfficientSpectralAttention,
+)
+from cswin_jax.models.layers import (
+    Conv3x3,
+    DepthwiseConv3x3,
+    Pointwise,
+    adaptive_group_norm,
+    gelu,
+    resize_bilinear,
+)
+
+Array = jax.Array
+Dtype = Any
+
+OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "delayed_sigmoid")
+ATTENTION_MODES = ("v2", "cswin")
+REMAT_POLICIES = ("none", "attention", "block")
+
+
+class DWConvBlock(nn.Module):
+    """Depthwise 3x3 -> pointwise 1x1 -> adaptive GroupNorm -> GELU. [B,H,W,I] -> [B,H,W,O]."""
+
+    features: int
+    norm_groups: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = DepthwiseConv3x3(dtype=self.dtype, name="depthwise")(x)
+        x = Pointwise(self.features, dtype=self.dtype, name="pointwise")(x)
+        x = adaptive_group_norm(self.features, self.norm_groups, dtype=self.dtype, name="norm")(x)
+        return gelu(x)
+
+
+class FeedForward(nn.Module):
+    """1x1 C->4C, GELU, DWConvBlock(4C, 4C), 1x1 4C->C (the original's `ffn.net`)."""
+
+    norm_groups: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        hidden = 4 * channels
+        h = gelu(Pointwise(hidden, dtype=self.dtype, name="net_0")(x))
+        h = DWConvBlock(hidden, self.norm_groups, dtype=self.dtype, name="net_2")(h)
+        return Pointwise(channels, dtype=self.dtype, name="net_3")(h)
+
+
+class NoiseAwareBlock(nn.Module):
+    """Noise-aware gating, residual inside: x + gate * features.
+
+    noise = sigmoid(conv3x3(C/4->1)(GELU(conv3x3(C->C/4)(x)))); features = two DWConvBlocks;
+    gate = sigmoid(1x1 conv(concat[features, noise])) (noise is the last input channel).
+    """
+
+    norm_groups: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        noise = Conv3x3(channels // 4, dtype=self.dtype, name="noise_est_conv_0")(x)
+        noise = Conv3x3(1, dtype=self.dtype, name="noise_est_conv_2")(gelu(noise))
+        noise = jax.nn.sigmoid(noise)
+        features = DWConvBlock(
+            channels, self.norm_groups, dtype=self.dtype, name="features_conv_0"
+        )(x)
+        features = DWConvBlock(
+            channels, self.norm_groups, dtype=self.dtype, name="features_conv_1"
+        )(features)
+        gate = Pointwise(channels, dtype=self.dtype, name="gate_0")(
+            jnp.concatenate([features, noise], axis=-1)
+        )
+        return x + jax.nn.sigmoid(gate) * features
+
+
+class SpectralAttentionWrapper(nn.Module):
+    """Holds `EfficientSpectralAttention` under the name `attention` (the original wraps it in a
+    NaN-checking module, which adds that level to the parameter names)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return EfficientSpectralAttention(self.num_heads, dtype=self.dtype, name="attention")(x)
+
+
+class SpatialAttentionWrapper(nn.Module):
+    """Holds the CSWin attention (`'v2'` or `'cswin'`) under the name `attention`."""
+
+    num_heads: int
+    split_size: int
+    attention_mode: str = "v2"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cls = CSWinAttention if self.attention_mode == "v2" else CSWinStripeAttention
+        return cls(self.num_heads, self.split_size, dtype=self.dtype, name="attention")(x)
+
+
+class DualTransformerBlock(nn.Module):
+    """x += ESA(norm1 x); x += CSWin(norm2 x); x += FFN(norm3 x); x = NoiseAware(x).
+
+    norm1/2/3 are adaptive GroupNorms (base `norm_groups`). x: [B, H, W, C] -> same.
+    `remat='attention'` recomputes both attention branches in the backward pass.
+    """
+
+    split_size: int
+    num_heads: int
+    norm_groups: int
+    attention_mode: str = "v2"
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        spectral_cls, spatial_cls = SpectralAttentionWrapper, SpatialAttentionWrapper
+        if self.remat == "attention":
+            spectral_cls, spatial_cls = nn.remat(spectral_cls), nn.remat(spatial_cls)
+
+        def norm(name):
+            return adaptive_group_norm(channels, self.norm_groups, dtype=self.dtype, name=name)
+
+        x = x + spectral_cls(self.num_heads, dtype=self.dtype, name="spectral_attn")(
+            norm("norm1")(x)
+        )
+        x = x + spatial_cls(
+            self.num_heads,
+            self.split_size,
+            self.attention_mode,
+            dtype=self.dtype,
+            name="spatial_attn",
+        )(norm("norm2")(x))
+        x = x + FeedForward(self.norm_groups, dtype=self.dtype, name="ffn")(norm("norm3")(x))
+        return NoiseAwareBlock(self.norm_groups, dtype=self.dtype, name="noise_block")(x)
+
+
+class Resample(nn.Module):
+    """Bilinear resize to `(height, width)` -> conv3x3 -> adaptive GroupNorm -> GELU.
+
+    The original's down (resize to (H//2, W//2)) and up (resize to (2H, 2W)) modules.
+    """
+
+    features: int
+    norm_groups: int
+    factor: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        height, width = x.shape[1], x.shape[2]
+        if self.factor < 1:
+            size = (height // 2, width // 2)
+        else:
+            size = (2 * height, 2 * width)
+        x = resize_bilinear(x, *size)
+        x = Conv3x3(self.features, dtype=self.dtype, name="conv")(x)
+        x = adaptive_group_norm(self.features, self.norm_groups, dtype=self.dtype, name="norm")(x)
+        return gelu(x)
+
+
+def _three_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
+    """The original pads a shorter list by repeating its last value and truncates longer ones."""
+    sizes = [int(s) for s in split_sizes]
+    if not sizes:
+        raise ValueError("model.split_sizes must hold at least one split size, found []")
+    sizes = (sizes + [sizes[-1]] * 3)[:3]
+    return sizes[0], sizes[1], sizes[2]
+
+
+class Generator(nn.Module):
+    """CSWIN v2 generator. Fields mirror `config.model` (see configs/base.py).
+
+    Call: `hsi = model.apply({'params': params}, rgb, train=False, step=None)` with
+    rgb: [B, H, W, in_channels] (any H, W >= 2), returns [B, H, W, out_channels] float32.
+
+    `step` replaces the original's hidden iteration counter. It is the counter value the
+    original's output head *sees*: an original eval forward after `set_iteration(k)` corresponds
+    to `step=k`, and an original train forward after `set_iteration(k)` to `step=k + 1` (the
+    original increments its counter before using it in every train-mode forward; its seed trainer
+    calls `set_iteration(iteration)` before each forward, so it sees `iteration + 1`). `None`
+    means 0. It may be a traced int array. With it:
+
+    * `delayed_sigmoid` applies the sigmoid when `step > activation_delay_iters` (strict),
+      identity before; `sigmoid` is sigma(x), `tanh` is 0.5 * (tanh(x) + 1), `none` identity.
+    * Only when `train=True` and the output is linear (`none`, or `delayed_sigmoid` not yet
+      active) and (`clamp_after_iters == 0` or `step < clamp_after_iters`) is the output
+      hard-clamped to [-clamp_range, clamp_range]. Eval never clamps.
+
+    `dtype` is the compute dtype (bfloat16 allowed); parameters are `param_dtype` (float32);
+    GroupNorm statistics, attention logits and softmax are float32; the output is float32.
+    `remat`: 'none', 'attention' (recompute attention branches in backward) or 'block'
+    (recompute whole DualTransformerBlocks) — memory only, same numbers.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 31
+    base_channels: int = 64
+    split_sizes: Sequence[int] = (7, 7, 7)
+    norm_groups: int = 8
+    num_heads: int = 4
+    output_activation: str = "none"
+    activation_delay_iters: int = 20000
+    clamp_range: float = 10.0
+    clamp_after_iters: int = 0
+    attention_mode: str = "v2"
+    remat: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _check_config(self) -> None:
+        for key, value, allowed in (
+            ("output_activation", self.output_activation, OUTPUT_ACTIVATIONS),
+            ("attention_mode", self.attention_mode, ATTENTION_MODES),
+            ("remat", self.remat, REMAT_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{key}: unknown value {value!r}, expected one of {allowed}")
+        if self.param_dtype != jnp.float32:
+            raise ValueError(f"Generator: param_dtype must be float32, found {self.param_dtype}")
+
+    def _stage(self, x: Array, name: str, split_size: int) -> Array:
+        block_cls = (
+            nn.remat(DualTransformerBlock) if self.remat == "block" else DualTransformerBlock
+        )
+        for index in range(2):
+            x = block_cls(
+                split_size,
+                self.num_heads,
+                self.norm_groups,
+                self.attention_mode,
+                remat=self.remat,
+                dtype=self.dtype,
+                name=f"{name}_{index}",
+            )(x)
+        return x
+
+    def _output_head(self, x: Array, train: bool, step: Array | int | None) -> Array:
+        step = jnp.asarray(0 if step is None else step)
+        act = self.output_activation
+        if act == "sigmoid":
+            return jax.nn.sigmoid(x)
+        if act == "tanh":
+            return 0.5 * (jnp.tanh(x) + 1.0)
+        linear = jnp.asarray(True)
+        if act == "delayed_sigmoid":
+            active = step > self.activation_delay_iters
+            x = jnp.where(active, jax.nn.sigmoid(x), x)
+            linear = jnp.logical_not(active)
+        if train:
+            in_window = (
+                jnp.asarray(True) if self.clamp_after_iters == 0 else step < self.clamp_after_iters
+            )
+            clamped = jnp.clip(x, -self.clamp_range, self.clamp_range)
+            x = jnp.where(jnp.logical_and(linear, in_window), clamped, x)
+        return x
+
+    @nn.compact
+    def __call__(self, rgb: Array, train: bool = False, step: Array | int | None = None) -> Array:
+        """rgb: [B, H, W, in_channels] -> hsi [B, H, W, out_channels] float32."""
+        self._check_config()
+        if rgb.ndim != 4 or rgb.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"Generator: expected rgb of shape [B, H, W, {self.in_channels}] (NHWC), "
+                f"found shape {tuple(rgb.shape)}"
+            )
+        split_enc1, split_enc2, split_mid = _three_split_sizes(self.split_sizes)
+        base, groups, dt = self.base_channels, self.norm_groups, self.dtype
+
+        x = rgb.astype(dt)
+        noise = gelu(Conv3x3(base // 2, dtype=dt, name="denoising_0")(x))
+        noise = gelu(Conv3x3(base // 2, dtype=dt, name="denoising_2")(noise))
+        x = x + Conv3x3(self.in_channels, dtype=dt, name="denoising_4")(noise)
+
+        emb = Conv3x3(base, dtype=dt, name="embedding_0")(x)
+        emb = gelu(adaptive_group_norm(base, groups, dtype=dt, name="embedding_1")(emb))
+
+        e1 = self._stage(emb, "encoder1", split_enc1)
+        x = Resample(2 * base, groups, 0.5, dtype=dt, name="down1")(e1)
+        e2 = self._stage(x, "encoder2", split_enc2)
+        x = Resample(4 * base, groups, 0.5, dtype=dt, name="down2")(e2)
+        x = self._stage(x, "bottleneck", split_mid)
+
+        x = Resample(2 * base, groups, 2.0, dtype=dt, name="up1")(x)
+        x = resize_bilinear(x, e2.shape[1], e2.shape[2])
+        x = self._stage(jnp.concatenate([x, e2], axis=-1), "decoder1", split_enc2)
+        x = Pointwise(2 * base, dtype=dt, name="compressor1")(x)
+
+        x = Resample(base, groups, 2.0, dtype=dt, name="up2")(x)
+        x = resize_bilinear(x, e1.shape[1], e1.shape[2])
+        x = Pointwise(base, dtype=dt, name="compressor2")(jnp.concatenate([x, e1], axis=-1))
+        x = self._stage(x, "decoder2", split_enc1)
+
+        x = resize_bilinear(x, emb.shape[1], emb.shape[2])
+        hsi = Conv3x3(self.out_channels, dtype=dt, name="to_spectral")(x + emb)
+        return self._output_head(hsi.astype(jnp.float32), train, step)
+
+
+def build_generator(model_cfg: Any, dtype: Dtype = jnp.float32) -> Generator:
+    """Builds the generator from `config.model` (an ml_collections.ConfigDict or a dict)."""
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    model = Generator(
+        in_channels=int(get("in_channels", 3)),
+        out_channels=int(get("out_channels", 31)),
+        base_channels=int(get("base_channels", 64)),
+        split_sizes=tuple(int(s) for s in get("split_sizes", (7, 7, 7))),
+        norm_groups=int(get("norm_groups", 8)),
+        num_heads=int(get("num_heads", 4)),
+        output_activation=str(get("output_activation", "none")),
+        activation_delay_iters=int(get("activation_delay_iters", 20000)),
+        clamp_range=float(get("clamp_range", 10.0)),
+        clamp_after_iters=int(get("clamp_after_iters", 0)),
+        attention_mode=str(get("attention_mode", "v2")),
+        remat=str(get("remat", "none")),
+        dtype=dtype,
+    )
+    model._check_config()
+    return model

@@ -1,0 +1,210 @@
+"""Building blocks shared by the generator's networks, NHWC, PyTorch-default initialisation.
+
+Every module here reproduces one PyTorch layer of the original CSWIN v2 PyTorch code
+number for number, in the layout Flax prefers:
+
+* 3x3 convolutions use `lax.conv_general_dilated` with HWIO kernels and symmetric zero
+  padding 1 (PyTorch `padding=1`).
+* 1x1 convolutions are matmuls over the channel axis with `(in, out)` kernels (the checkpoint
+  converter reshapes PyTorch's `(out, in, 1, 1)` weights onto them).
+* Depthwise 3x3 convolutions are nine shifted multiply-adds with a `(3, 3, 1, C)` kernel:
+  XLA's CPU lowering of grouped convolutions is ~27x slower than this.
+* GroupNorm statistics are always computed in float32 (eps 1e-5, PyTorch's default).
+
+Weights are initialised like PyTorch's defaults: kaiming-uniform with a=sqrt(5), i.e.
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), where fan_in
+counts input channels per group times the kernel area.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+
+
+def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    kaiming_uniform_(a=sqrt(5)) gives bound gain*sqrt(3/fan_in) with gain sqrt(2/(1+5)), which
+    is exactly 1/sqrt(fan_in); the default bias init uses the same bound.
+    """
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def trunc_normal_init(stddev: float = 0.02) -> nn.initializers.Initializer:
+    """PyTorch `trunc_normal_(std=stddev)` with its default absolute bounds of +-2."""
+
+    def init(key, shape, dtype=jnp.float32):
+        lower, upper = -2.0 / stddev, 2.0 / stddev
+        return stddev * jax.random.truncated_normal(key, lower, upper, shape, dtype)
+
+    return init
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as PyTorch's `nn.GELU()`."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def adaptive_groups(channels: int, base_groups: int) -> int:
+    """Largest g <= min(base_groups, channels) dividing both `channels` and `base_groups`."""
+    for groups in range(min(base_groups, channels), 0, -1):
+        if channels % groups == 0 and base_groups % groups == 0:
+            return groups
+    return 1
+
+
+def resize_bilinear(x: Array, height: int, width: int) -> Array:
+    """PyTorch `F.interpolate(mode='bilinear', align_corners=False)` to an explicit size.
+
+    x: [B, H, W, C]. No antialiasing (PyTorch's bilinear never antialiases); with
+    `antialias=False`, `jax.image.resize` uses the same half-pixel source coordinates and
+    edge clamping for down- and upsampling by any ratio.
+    """
+    if x.shape[1] == height and x.shape[2] == width:
+        return x
+    shape = (x.shape[0], height, width, x.shape[3])
+    return jax.image.resize(x, shape, method="bilinear", antialias=False).astype(x.dtype)
+
+
+class Conv3x3(nn.Module):
+    """Full 3x3 convolution, stride 1, zero padding 1, with bias. x: [B, H, W, I] -> [B, H, W, O]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        fan_in = in_features * 9
+        kernel = self.param(
+            "kernel",
+            torch_uniform_init(fan_in),
+            (3, 3, in_features, self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(1, 1),
+            padding=((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(self.dtype)
+
+
+class Pointwise(nn.Module):
+    """1x1 convolution as a matmul over channels. x: [..., I] -> [..., O]; kernel `(I, O)`."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            torch_uniform_init(in_features),
+            (in_features, self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", torch_uniform_init(in_features), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def depthwise_conv3x3(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+    """Depthwise 3x3 convolution, zero padding 1, as nine shifted multiply-adds.
+
+    x: [B, H, W, C]; kernel: [3, 3, 1, C] (HWIO with one input channel per group); bias: [C].
+    Equals `lax.conv_general_dilated(..., feature_group_count=C)` up to float rounding and is
+    much faster on XLA CPU.
+    """
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = kernel.reshape(3, 3, -1)
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            term = padded[:, dy : dy + height, dx : dx + width, :] * taps[dy, dx]
+            out = term if out is None else out + term
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class DepthwiseConv3x3(nn.Module):
+    """Depthwise 3x3 conv with bias (PyTorch `Conv2d(C, C, 3, padding=1, groups=C)`).
+
+    x: [B, H, W, C] -> [B, H, W, C]; kernel `(3, 3, 1, C)`.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform_init(9), (3, 3, 1, channels), self.param_dtype)
+        bias = self.param("bias", torch_uniform_init(9), (channels,), self.param_dtype)
+        return depthwise_conv3x3(
+            x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        )
+
+
+class GroupNorm(nn.Module):
+    """PyTorch `GroupNorm(num_groups, C, eps=1e-5)`, statistics in float32.
+
+    x: [B, H, W, C] -> same shape, in `dtype`. Groups are contiguous channel blocks, as in
+    PyTorch (channel c belongs to group c // (C / num_groups)).
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: {channels} channels are not divisible into {self.num_groups} groups"
+            )
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+        mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+        centred = grouped - mean
+        var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
+        normed = (centred * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (normed * scale + bias).astype(self.dtype)
+
+
+def adaptive_group_norm(
+    channels: int, base_groups: int, *, name: str, dtype: Dtype = jnp.float32
+) -> GroupNorm:
+    """The original's `adaptive_group_norm(C, base_groups)` (see `adaptive_groups`)."""
+    return GroupNorm(adaptive_groups(channels, base_groups), dtype=dtype, name=name)
