@@ -462,13 +462,17 @@ def evaluate_scenes(
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | None, *, stop_after: int | None = None
+) -> TrainState:
     """Trains (resuming from the newest checkpoint), validates and checkpoints.
 
     Args:
       config: a config from `configs/`.
       workdir: run folder for TensorBoard events and checkpoints; when None, events go to
         `config.log_dir` and checkpoints to `config.checkpoint_dir`.
+      stop_after: leave (with a checkpoint) after this many steps of this invocation, as a
+        preempted job would; the next call resumes.
     Returns:
       The final TrainState.
     """
@@ -581,9 +585,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
                 if val["mrae"] < best_mrae:
                     best_mrae = val["mrae"]
                     checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
-            if step % config.checkpoint_every == 0 or step == n_steps or stop.signum:
+            preempted = stop.signum is not None or (
+                stop_after is not None and step - start >= stop_after
+            )
+            if step % config.checkpoint_every == 0 or step == n_steps or preempted:
                 checkpointer.save(step, state, config_dict, train_iter, force=True)
-            if stop.signum:
+            if preempted:
                 break
     checkpointer.wait()
     checkpointer.close()
