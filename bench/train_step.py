@@ -53,7 +53,8 @@ def main(argv):
         ms = 1e3 * statistics.median(times)
         print(
             f"batch {batch_size:3d} patch {p}: {ms:9.1f} ms/step, "
-            f"{batch_size / (ms / 1e3):8.2f} patches/s (first call incl. compile {compile_s:.1f} s; "
+            f"{batch_size / (ms / 1e3):8.2f} patches/s (first call incl. compile "
+            f"{compile_s:.1f} s; "
             f"mixed_precision={config.mixed_precision}, gen_loss={float(m['gen_loss']):.4f})",
             flush=True,
         )
