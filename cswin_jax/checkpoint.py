@@ -6,7 +6,7 @@ On-disk layout under a checkpoint root (`<workdir>/checkpoints`, or `config.chec
                                            `state` is the whole TrainState (params, EMA,
                                            optimizer states, spectral-norm state, step, RNG),
                                            `data` the grain iterator position, `config` JSON.
-  <root>/best/<step>/{weights,config}      the EMA generator (and discriminator) with the
+  <root>/best/<step>/{weights,config,metrics}  the EMA generator (and discriminator) with the
                                            lowest validation MRAE; one kept.
 
 A weights-only checkpoint (what `python -m cswin_jax.convert` writes) is a CheckpointManager
@@ -55,7 +55,7 @@ class TrainCheckpointer:
     def __init__(self, root: str | pathlib.Path, *, keep: int):
         self.root = pathlib.Path(root)
         self._train = _manager(self.root / TRAIN_SUBDIR, ("state", "config", "data"), keep)
-        self._best = _manager(self.root / BEST_SUBDIR, ("weights", "config"), 1)
+        self._best = _manager(self.root / BEST_SUBDIR, ("weights", "config", "metrics"), 1)
 
     def latest_step(self) -> int | None:
         return self._train.latest_step()
@@ -65,10 +65,8 @@ class TrainCheckpointer:
         step = self._best.latest_step()
         if step is None:
             return None
-        metrics = self._best.metrics(step) if hasattr(self._best, "metrics") else None
-        if metrics and "mrae" in metrics:
-            return float(metrics["mrae"])
-        return None
+        restored = self._best.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
+        return float(restored["metrics"]["mrae"])
 
     def save(self, step: int, state: Any, config: Mapping, data_iterator=None, *, force=False):
         """Saves the full training state at `step` (asynchronously)."""
@@ -132,8 +130,8 @@ class TrainCheckpointer:
             args=ocp.args.Composite(
                 weights=ocp.args.StandardSave(dict(weights)),
                 config=ocp.args.JsonSave(dict(config)),
+                metrics=ocp.args.JsonSave({"mrae": float(mrae), "step": int(step)}),
             ),
-            metrics={"mrae": float(mrae)},
             force=True,
         )
 
@@ -222,18 +220,26 @@ def restore_model_variables(
     """
     manager_dir, kind = _resolve_model_dir(pathlib.Path(directory))
     mngr = _manager(manager_dir, (kind, "config"), 1, read_only=True)
+    errors, restored = [], None
     try:
-        step = mngr.latest_step()
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                **{kind: ocp.args.StandardRestore(), "config": ocp.args.JsonRestore()}
-            ),
-        )
-    except Exception as e:
-        raise ValueError(f"could not read the checkpoint in {manager_dir}: {e}") from e
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                restored = mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{kind: ocp.args.StandardRestore(), "config": ocp.args.JsonRestore()}
+                    ),
+                )
+                break
+            except Exception as e:  # damaged step: try the previous one
+                logging.warning("checkpoint %s step %d is unreadable (%s)", manager_dir, step, e)
+                errors.append(f"step {step}: {e}")
     finally:
         mngr.close()
+    if restored is None:
+        raise ValueError(
+            f"could not read any checkpoint in {manager_dir}:\n  " + "\n  ".join(errors)
+        )
     config = dict(restored["config"])
     tree = restored[kind]
     if kind == "weights":
