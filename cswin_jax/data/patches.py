@@ -1,0 +1,200 @@
+"""Training patches: the stride grid, augmentation, and the three memory modes.
+
+Geometry follows MST++ but is computed from each image's own size: a scene of H x W gives
+((H - P) // S + 1) x ((W - P) // S + 1) patch positions (482 x 512, P 128, S 8 -> 45 x 49 =
+2,205). Patch index i runs over (scene, position) in scene order, positions row-major.
+
+Augmentation (MST++ `arg=True`), identical for RGB and HSI: rot90 by k in {0..3} over (H, W),
+then flip H if vflip, then flip W if hflip.
+
+Memory modes (`data.memory_mode`, overridden by env `MST_MEMORY_MODE`):
+  standard  every scene resident as float32.
+  float16   every scene resident as float16, each patch cast back to float32 (HSI rounding
+            up to ~5e-4 relative).
+  lazy      nothing resident: an LRU of `data.lazy_cache_size` (env `MST_LAZY_CACHE_SIZE`)
+            open scenes per process; HSI patches read from disk by window.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+MEMORY_MODES = ("standard", "float16", "lazy")
+
+
+def resolve_memory_mode(data_config) -> tuple[str, int]:
+    """(memory_mode, lazy_cache_size) from `config.data`, env MST_* taking precedence."""
+    mode = os.environ.get("MST_MEMORY_MODE") or data_config.memory_mode
+    origin = "env MST_MEMORY_MODE" if os.environ.get("MST_MEMORY_MODE") else "data.memory_mode"
+    mode = str(mode).strip().lower()
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"unknown {origin} {mode!r}: use one of {list(MEMORY_MODES)}")
+    cache_env = os.environ.get("MST_LAZY_CACHE_SIZE")
+    cache_size = cache_env if cache_env else data_config.lazy_cache_size
+    try:
+        cache_size = int(cache_size)
+    except ValueError:
+        cache_size = -1
+    if cache_size < 1:
+        origin = "env MST_LAZY_CACHE_SIZE" if cache_env else "data.lazy_cache_size"
+        raise ValueError(f"{origin} must be a positive integer, got {cache_size!r}")
+    return mode, cache_size
+
+
+class PatchGrid:
+    """Stride grid over scenes of different sizes.
+
+    sizes: (H, W) per scene. Index i -> (scene, top, left) pixel offsets of the patch.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        patch_size: int,
+        stride: int,
+        stems: Sequence[str] | None = None,
+    ):
+        if patch_size < 1 or stride < 1:
+            raise ValueError(
+                f"data.patch_size ({patch_size}) and data.stride ({stride}) must be positive"
+            )
+        self.patch_size, self.stride = patch_size, stride
+        rows, cols = [], []
+        for i, (height, width) in enumerate(sizes):
+            if height < patch_size or width < patch_size:
+                name = stems[i] if stems is not None else f"scene {i}"
+                raise ValueError(
+                    f"{name}: image is {height}x{width} but data.patch_size is {patch_size}; "
+                    "lower data.patch_size or drop the scene"
+                )
+            rows.append((height - patch_size) // stride + 1)
+            cols.append((width - patch_size) // stride + 1)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.cols = np.asarray(cols, dtype=np.int64)
+        counts = self.rows * self.cols
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Vectorised index -> (scene, top, left), each int64 with the shape of `indices`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"patch index out of range [0, {len(self)})")
+        scene = np.searchsorted(self.offsets, indices, side="right") - 1
+        position = indices - self.offsets[scene]
+        row, col = np.divmod(position, self.cols[scene])
+        return scene, row * self.stride, col * self.stride
+
+
+def augment(patch: np.ndarray, rot_k: int, vflip: bool, hflip: bool) -> np.ndarray:
+    """MST++ augmentation of one [P, P, C] patch; returns a view (no copy)."""
+    patch = np.rot90(patch, int(rot_k), axes=(0, 1))
+    if vflip:
+        patch = patch[::-1]
+    if hflip:
+        patch = patch[:, ::-1]
+    return patch
+
+
+class ResidentStore:
+    """Every scene in memory (`standard`: float32, `float16`: float16)."""
+
+    def __init__(self, scenes, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        self.rgb, self.hsi = [], []
+        for i in range(len(scenes)):
+            rgb, hsi = scenes.load(i)
+            self.rgb.append(rgb.astype(self.dtype, copy=False))
+            self.hsi.append(hsi.astype(self.dtype, copy=False))
+        nbytes = sum(a.nbytes for a in self.rgb + self.hsi)
+        logging.info(
+            "data: %d scenes resident as %s (%.1f MB)", len(self.hsi), self.dtype, nbytes / 2**20
+        )
+
+    def scene_patches(self, scene: int, top: int, left: int, size: int):
+        """Views (rgb [P, P, 3], hsi [P, P, C]) of one patch, in the resident dtype."""
+        window = (slice(top, top + size), slice(left, left + size))
+        return self.rgb[scene][window], self.hsi[scene][window]
+
+
+class LazyStore:
+    """Scenes opened on demand, an LRU of `cache_size` open scenes per process.
+
+    The cache is dropped when pickled, so each grain worker keeps its own.
+    """
+
+    def __init__(self, scenes, cache_size: int):
+        self.scenes, self.cache_size = scenes, cache_size
+        self._cache = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"scenes": self.scenes, "cache_size": self.cache_size}
+
+    def __setstate__(self, state):
+        self.__init__(state["scenes"], state["cache_size"])
+
+    def _open(self, scene: int):
+        with self._lock:
+            opened = self._cache.get(scene)
+            if opened is not None:
+                self._cache.move_to_end(scene)
+                return opened
+        opened = self.scenes.open(scene)
+        with self._lock:
+            self._cache[scene] = opened
+            while len(self._cache) > self.cache_size:
+                _, evicted = self._cache.popitem(last=False)
+                if evicted.close is not None:
+                    evicted.close()
+        return opened
+
+    def scene_patches(self, scene: int, top: int, left: int, size: int):
+        """(rgb [P, P, 3] view, hsi [P, P, C] read from disk), float32."""
+        from cswin_jax.data.arad import check_finite  # noqa: PLC0415
+
+        opened = self._open(scene)
+        hsi = opened.read_hsi_window(top, left, size, size)
+        # Eager modes check whole cubes at load; here each window is checked as it is read.
+        check_finite(hsi, f"{self.scenes.stems[scene]} (lazy window at {top},{left})")
+        return opened.rgb[top : top + size, left : left + size], hsi
+
+
+def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
+    """The patch store for `memory_mode` ('standard' | 'float16' | 'lazy')."""
+    if memory_mode == "standard":
+        return ResidentStore(scenes, np.float32)
+    if memory_mode == "float16":
+        return ResidentStore(scenes, np.float16)
+    if memory_mode == "lazy":
+        return LazyStore(scenes, lazy_cache_size)
+    raise ValueError(f"unknown data.memory_mode {memory_mode!r}: use one of {list(MEMORY_MODES)}")
+
+
+def gather_patches(store, grid: PatchGrid, draws: np.ndarray, num_bands: int):
+    """Cuts, augments and stacks a batch of patches with one copy per patch.
+
+    draws: [B, 4] int (patch index, rot_k, vflip, hflip).
+    Returns {'rgb': [B, P, P, 3] float32, 'hsi': [B, P, P, num_bands] float32}.
+    """
+    draws = np.asarray(draws, dtype=np.int64).reshape(-1, 4)
+    size = grid.patch_size
+    scenes, tops, lefts = grid.locate(draws[:, 0])
+    batch = len(draws)
+    rgb_out = np.empty((batch, size, size, 3), np.float32)
+    hsi_out = np.empty((batch, size, size, num_bands), np.float32)
+    for i in range(batch):
+        rgb, hsi = store.scene_patches(int(scenes[i]), int(tops[i]), int(lefts[i]), size)
+        rot_k, vflip, hflip = draws[i, 1], draws[i, 2], draws[i, 3]
+        # Assigning a strided view copies (and casts float16 -> float32) in one pass.
+        rgb_out[i] = augment(rgb, rot_k, vflip, hflip)
+        hsi_out[i] = augment(hsi, rot_k, vflip, hflip)
+    return {"rgb": rgb_out, "hsi": hsi_out}
