@@ -36,14 +36,14 @@ def resolve_memory_mode(data_config) -> tuple[str, int]:
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown {origin} {mode!r}: use one of {list(MEMORY_MODES)}")
     cache_env = os.environ.get("MST_LAZY_CACHE_SIZE")
-    cache_size = cache_env if cache_env else data_config.lazy_cache_size
+    raw_size = cache_env if cache_env else data_config.lazy_cache_size
     try:
-        cache_size = int(cache_size)
-    except ValueError:
-        cache_size = -1
+        cache_size = int(raw_size)
+    except (TypeError, ValueError):
+        cache_size = 0
     if cache_size < 1:
         origin = "env MST_LAZY_CACHE_SIZE" if cache_env else "data.lazy_cache_size"
-        raise ValueError(f"{origin} must be a positive integer, got {cache_size!r}")
+        raise ValueError(f"{origin} must be a positive integer, got {raw_size!r}")
     return mode, cache_size
 
 

@@ -156,6 +156,23 @@ def per_host_batch_size(config, process_count: int) -> int:
     return config.batch_size // process_count
 
 
+def augmentation_draws(
+    num_patches: int, seed: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """One epoch of this host's draws: int64 [4] (patch index, rot_k, vflip, hflip).
+
+    Indices past the end continue into later epochs (a fresh permutation and fresh draws
+    each), which is what `.repeat(None)` reads.
+    """
+    even = num_patches - num_patches % process_count
+    dataset = grain.MapDataset.range(num_patches).shuffle(seed=seed)
+    # Augmentation draws are keyed on the global (pre-shard) index: the same patch of the same
+    # epoch gets the same augmentation whatever the number of hosts.
+    dataset = dataset.random_map(DrawAugmentation(), seed=seed + 1)
+    # Equal-length strided shards, so every host's epoch boundary falls at the same batch.
+    return dataset[process_index:even:process_count]
+
+
 def train_dataset(
     config,
     data_root,
@@ -196,11 +213,7 @@ def train_dataset(
         process_count,
         batch,
     )
-    dataset = grain.MapDataset.range(num_patches).shuffle(seed=config.seed)
-    # Augmentation draws are keyed on the global (pre-shard) index: the same patch of the same
-    # epoch gets the same augmentation whatever the number of hosts.
-    dataset = dataset.random_map(DrawAugmentation(), seed=config.seed + 1)
-    dataset = dataset[process_index:even:process_count]
+    dataset = augmentation_draws(num_patches, config.seed, process_index, process_count)
     dataset = dataset.repeat(None).batch(batch, drop_remainder=True)
     return dataset.map(GatherPatches(store, grid, config.model.out_channels))
 
