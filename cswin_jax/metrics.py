@@ -1,0 +1,238 @@
+"""Evaluation metrics and the ARAD-1K / MST++ centre-crop protocol (SPEC §7), in float32.
+
+Every metric reduces over the whole input, like the original (validation batches hold one
+image; for per-image numbers `jax.vmap` a metric over the batch). Inputs are NHWC with the 31
+bands last: `[B, H, W, C]` or `[H, W, C]`; any float dtype, scored in float32.
+
+* `mrae`: mean(|p - t| / (t + 1e-8)), the original's signed denominator (MST++ uses |p - t| / t).
+* `rmse`, `mae`: global root-mean-square and mean absolute error.
+* `psnr`: 20 log10(1 / sqrt(mse)) with data range 1 and the global MSE; 100 dB if mse < 1e-10.
+* `ssim`: the original's fallback SSIM (the one that runs, since pytorch_msssim is not a
+  dependency): 11x11 Gaussian window (sigma 1.5, float32), depthwise per band, zero "same"
+  padding 5, C1 = 0.01^2, C2 = 0.03^2, mean over every pixel and band.
+* `sam`: spectral angle in degrees; bands L2-normalised with eps 1e-8, cosine clamped to
+  [-1 + 1e-8, 1 - 1e-8] (in float32 the upper bound is exactly 1.0), mean over pixels.
+* `compute_metrics`: all six; `clamp_predictions=True` adds the same six computed on the
+  prediction clamped to [0, 1] (as NTIRE submissions are), under `<name>_clamped` keys.
+* `center_crop_metrics`: the MST++ protocol (`compute_mst_center_crop_metrics`): slice
+  [128:-128, 128:-128]; an empty slice gives the sentinel {mrae 999, psnr 0, ssim 0, sam 999};
+  otherwise the centred 226x256 window of the slice is scored (the whole slice when it is
+  smaller than 226x256). For the 482x512 ARAD frame this is rows 128:354, columns 128:384.
+
+All functions are jittable (shapes are static; the protocol's branches depend only on shapes).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MRAE_EPS = 1e-8
+PSNR_DATA_RANGE = 1.0
+PSNR_MSE_FLOOR = 1e-10
+PSNR_CAP = 100.0
+SSIM_WINDOW_SIZE = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
+SAM_EPS = 1e-8
+
+CENTER_SLICE_MARGIN = 128  # the original's VALIDATION_CENTER_CROP_START/END (128, -128)
+ARAD1K_CROP_HEIGHT = 226
+ARAD1K_CROP_WIDTH = 256
+EMPTY_CROP_SENTINEL = {"mrae": 999.0, "psnr": 0.0, "ssim": 0.0, "sam": 999.0}
+
+METRIC_NAMES = ("psnr", "mrae", "rmse", "ssim", "sam", "mae")
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _check_pair(pred: jax.Array, target: jax.Array) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"metrics: prediction shape {pred.shape} != target shape {target.shape}; "
+            "expected matching [B, H, W, C] or [H, W, C] arrays"
+        )
+    if pred.ndim not in (3, 4):
+        raise ValueError(
+            f"metrics: expected [B, H, W, C] or [H, W, C] arrays, got shape {pred.shape}"
+        )
+
+
+def mrae(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean relative absolute error mean(|p - t| / (t + 1e-8)). Returns a float32 scalar."""
+    pred, target = _f32(pred), _f32(target)
+    return jnp.mean(jnp.abs(pred - target) / (target + MRAE_EPS))
+
+
+def rmse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Root-mean-square error over every element. Returns a float32 scalar."""
+    diff = _f32(pred) - _f32(target)
+    return jnp.sqrt(jnp.mean(diff * diff))
+
+
+def mae(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean absolute error over every element. Returns a float32 scalar."""
+    return jnp.mean(jnp.abs(_f32(pred) - _f32(target)))
+
+
+def psnr(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """PSNR in dB with data range 1 and the MSE over the whole tensor; 100 if mse < 1e-10."""
+    diff = _f32(pred) - _f32(target)
+    mse = jnp.mean(diff * diff)
+    safe_mse = jnp.maximum(mse, PSNR_MSE_FLOOR)
+    value = 20.0 * jnp.log10(PSNR_DATA_RANGE / jnp.sqrt(safe_mse))
+    return jnp.where(mse < PSNR_MSE_FLOOR, jnp.float32(PSNR_CAP), value)
+
+
+def gaussian_window(size: int = SSIM_WINDOW_SIZE, sigma: float = SSIM_SIGMA) -> np.ndarray:
+    """The original's SSIM window: outer product of a normalised 1-D Gaussian, float32.
+
+    The 1-D taps exp(-(x - size//2)^2 / (2 sigma^2)) are computed in float64 and stored as
+    float32, normalised in float32, and multiplied out in float32 (as torch does).
+
+    Returns:
+      [size, size] float32 numpy array summing to 1.
+    """
+    taps = np.array(
+        [math.exp(-((x - size // 2) ** 2) / float(2 * sigma**2)) for x in range(size)],
+        dtype=np.float32,
+    )
+    taps = taps / taps.sum(dtype=np.float32)
+    return np.outer(taps, taps).astype(np.float32)
+
+
+def _as_batch(x: jax.Array) -> jax.Array:
+    return x[None] if x.ndim == 3 else x
+
+
+def ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """SSIM with the original's fallback implementation (see module docstring).
+
+    Args:
+      pred: [B, H, W, C] or [H, W, C].
+      target: same shape.
+
+    Returns:
+      float32 scalar, mean of the SSIM map over batch, pixels and bands.
+    """
+    pred, target = _as_batch(_f32(pred)), _as_batch(_f32(target))
+    channels = pred.shape[-1]
+    window = jnp.asarray(gaussian_window())
+    pad = SSIM_WINDOW_SIZE // 2
+    kernel = jnp.tile(window[:, :, None, None], (1, 1, 1, channels))  # HWIO, depthwise
+
+    def blur(x: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    mu_pred = blur(pred)
+    mu_target = blur(target)
+    mu_pred_sq = mu_pred * mu_pred
+    mu_target_sq = mu_target * mu_target
+    mu_cross = mu_pred * mu_target
+    sigma_pred_sq = blur(pred * pred) - mu_pred_sq
+    sigma_target_sq = blur(target * target) - mu_target_sq
+    sigma_cross = blur(pred * target) - mu_cross
+    ssim_map = ((2 * mu_cross + SSIM_C1) * (2 * sigma_cross + SSIM_C2)) / (
+        (mu_pred_sq + mu_target_sq + SSIM_C1) * (sigma_pred_sq + sigma_target_sq + SSIM_C2)
+    )
+    return jnp.mean(ssim_map)
+
+
+def sam(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Spectral angle in degrees, averaged over pixels (bands on the last axis).
+
+    The cosine of identical float32 spectra can round a hair below 1, so identical inputs give
+    a small non-zero angle (about 0.01 degrees), as in the original.
+    """
+    pred, target = _f32(pred), _f32(target)
+    pred_unit = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), SAM_EPS)
+    target_unit = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), SAM_EPS)
+    cosine = jnp.sum(pred_unit * target_unit, axis=-1)
+    cosine = jnp.clip(cosine, np.float32(-1.0 + SAM_EPS), np.float32(1.0 - SAM_EPS))
+    angle = jnp.arccos(cosine)
+    angle = jnp.where(jnp.isnan(angle), 0.0, angle)
+    return jnp.mean(jnp.degrees(angle))
+
+
+def compute_metrics(
+    pred: jax.Array, target: jax.Array, clamp_predictions: bool = False
+) -> dict[str, jax.Array]:
+    """All six metrics on whole arrays.
+
+    Args:
+      pred: [B, H, W, C] or [H, W, C] prediction.
+      target: same shape.
+      clamp_predictions: also score the prediction clamped to [0, 1] and report those numbers
+        beside the raw ones under `<name>_clamped`.
+
+    Returns:
+      dict of float32 scalars: psnr, mrae, rmse, ssim, sam, mae (+ the `_clamped` six).
+    """
+    _check_pair(pred, target)
+    pred, target = _f32(pred), _f32(target)
+    functions = {"psnr": psnr, "mrae": mrae, "rmse": rmse, "ssim": ssim, "sam": sam, "mae": mae}
+    results = {name: fn(pred, target) for name, fn in functions.items()}
+    if clamp_predictions:
+        clamped = jnp.clip(pred, 0.0, 1.0)
+        results.update({f"{name}_clamped": fn(clamped, target) for name, fn in functions.items()})
+    return results
+
+
+def center_crop(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Centred height x width window of [B, H, W, C] / [H, W, C] (y0 = (H-h)//2, x0 = (W-w)//2).
+
+    Raises:
+      ValueError: the input is smaller than the window.
+    """
+    h, w = x.shape[-3], x.shape[-2]
+    if h < height or w < width:
+        raise ValueError(f"center_crop: input {h}x{w} is smaller than the {height}x{width} window")
+    y0, x0 = (h - height) // 2, (w - width) // 2
+    return x[..., y0 : y0 + height, x0 : x0 + width, :]
+
+
+def center_crop_metrics(
+    pred: jax.Array, target: jax.Array, clamp_predictions: bool = False
+) -> dict[str, jax.Array]:
+    """The original's centre-crop protocol (`compute_mst_center_crop_metrics`).
+
+    Slice [128:-128, 128:-128] of H and W; if that is empty, return the sentinel
+    {mrae 999, psnr 0, ssim 0, sam 999} (four keys, as the original); if it is at least
+    226x256, score its centred 226x256 window; otherwise score the whole slice (the original's
+    fallback when the ARAD crop raised).
+
+    Args:
+      pred: [B, H, W, C] or [H, W, C] full-frame prediction.
+      target: same shape.
+      clamp_predictions: see `compute_metrics`.
+
+    Returns:
+      dict of float32 scalars (see `compute_metrics`), or the sentinel dict.
+    """
+    _check_pair(pred, target)
+    m = CENTER_SLICE_MARGIN
+    h, w = pred.shape[-3], pred.shape[-2]
+    if h <= 2 * m or w <= 2 * m:
+        sentinel = dict(EMPTY_CROP_SENTINEL)
+        if clamp_predictions:
+            sentinel.update({f"{k}_clamped": v for k, v in EMPTY_CROP_SENTINEL.items()})
+        return {k: jnp.float32(v) for k, v in sentinel.items()}
+    pred_slice = pred[..., m : h - m, m : w - m, :]
+    target_slice = target[..., m : h - m, m : w - m, :]
+    sh, sw = pred_slice.shape[-3], pred_slice.shape[-2]
+    if sh >= ARAD1K_CROP_HEIGHT and sw >= ARAD1K_CROP_WIDTH:
+        pred_slice = center_crop(pred_slice, ARAD1K_CROP_HEIGHT, ARAD1K_CROP_WIDTH)
+        target_slice = center_crop(target_slice, ARAD1K_CROP_HEIGHT, ARAD1K_CROP_WIDTH)
+    return compute_metrics(pred_slice, target_slice, clamp_predictions=clamp_predictions)
