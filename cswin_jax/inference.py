@@ -29,12 +29,13 @@ last batch is padded), so any image size costs a single compilation.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 
@@ -344,16 +345,71 @@ def seam_mask(height: int, width: int, tile: int, overlap: int, margin: int) -> 
     return mask
 
 
-__all__: Sequence[str] = (
-    "DEFAULT_RAMP_FLOOR",
-    "ModelApply",
-    "blend_weights",
-    "make_generator_apply",
-    "predict_tiled",
-    "predict_whole",
-    "seam_mask",
-    "self_ensemble",
-    "summed_weight",
-    "tile_positions",
-    "tile_starts",
-)
+def check_params_match(params: Any, abstract_params: Any, source: str) -> None:
+    """Raises ValueError when `params` does not have the structure and shapes of the model.
+
+    source names the checkpoint in the message (e.g. a checkpoint of another architecture:
+    different base_channels / num_heads / split_sizes).
+    """
+    from flax import traverse_util
+
+    have = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(params)).items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract_params)).items()}
+    missing = sorted("/".join(k) for k in want.keys() - have.keys())
+    unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
+    wrong = sorted(
+        f"{'/'.join(k)}: checkpoint {have[k]} vs model {want[k]}"
+        for k in want.keys() & have.keys()
+        if have[k] != want[k]
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                shown = ", ".join(items[:5]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 5 else ""
+                )
+                parts.append(f"{label}: {shown}")
+        raise ValueError(
+            f"{source}: the generator weights do not fit the architecture in the checkpoint's "
+            f"config (another architecture or a mismatched config.model?); " + "; ".join(parts)
+        )
+
+
+def load_generator(
+    checkpoint_dir: str, *, use_ema: bool = True, step: int | None = None
+) -> tuple[ModelApply, dict]:
+    """Restores a generator from a checkpoint for inference.
+
+    Args:
+      checkpoint_dir: any folder `cswin_jax.checkpoint.restore_model_variables` reads.
+      use_ema: EMA weights of a training state (the default; weights-only checkpoints hold
+        only one set).
+      step: optimizer step passed to the generator (matters only for 'delayed_sigmoid').
+
+    Returns:
+      (apply_fn `[N, h, w, 3] -> [N, h, w, 31]` float32, the run's config dict).
+    """
+    import ml_collections
+
+    from cswin_jax import checkpoint
+    from cswin_jax.models.generator import build_generator
+
+    params, _, config_dict = checkpoint.restore_model_variables(checkpoint_dir, use_ema=use_ema)
+    config = ml_collections.ConfigDict(config_dict)
+    if "model" not in config:
+        raise ValueError(f"{checkpoint_dir}: the checkpoint's config has no 'model' section")
+    model = build_generator(config.model)
+    abstract = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.model.in_channels))
+    )
+    check_params_match(params, abstract["params"], str(checkpoint_dir))
+    if config.model.output_activation == "delayed_sigmoid" and step is None:
+        logging.warning(
+            "%s: output_activation='delayed_sigmoid' depends on the training step, which the "
+            "checkpoint does not give; assuming the sigmoid is active (pass step to override)",
+            checkpoint_dir,
+        )
+        step = int(config.model.activation_delay_iters) + 1
+    params = jax.tree.map(jnp.asarray, params)
+    return make_generator_apply(model, params, step=step), config_dict

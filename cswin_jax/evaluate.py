@@ -1,0 +1,394 @@
+"""Score a checkpoint on the benchmark protocol, scene by scene.
+
+Usage:
+  python -m cswin_jax.evaluate --checkpoint runs/gan --data_dir $HSI_DATA_DIR \
+      [--split valid] [--tiled] [--ensemble] [--figures] [--output DIR]
+
+Every scene of the split is predicted on its full frame (or tiled with --tiled, 8-way
+self-ensemble with --ensemble) and scored by `cswin_jax.metrics.center_crop_metrics`: the
+centred 226x256 window of each 482x512 frame. Each metric is reported twice: on the raw
+prediction and on the prediction clamped to [0, 1] (`<name>_clamped`, as NTIRE submissions are
+clamped). Scenes without a ground-truth cube are predicted only and reported as such.
+
+Writes to --output (default `<checkpoint>/eval_<split>`):
+  * metrics.csv: one row per scene (stem, has_ground_truth, the metrics, seconds).
+  * summary.json: mean and std of every metric over scored scenes, the worst and best scenes
+    by MRAE, the unscored scenes and the settings.
+  * figures/ with --figures: per-scene figures of the worst and best scenes and a histogram
+    of the per-scene metrics (`cswin_jax.viz`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from cswin_jax import inference, metrics
+
+_FIRST_COLUMNS = ("stem", "has_ground_truth")
+
+
+def scored_window(height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) of the pixels `metrics.center_crop_metrics` scores; None if empty."""
+    margin = metrics.CENTER_SLICE_MARGIN
+    if height <= 2 * margin or width <= 2 * margin:
+        return None
+    y0, x0, y1, x1 = margin, margin, height - margin, width - margin
+    crop_h, crop_w = metrics.ARAD1K_CROP_HEIGHT, metrics.ARAD1K_CROP_WIDTH
+    if y1 - y0 >= crop_h and x1 - x0 >= crop_w:
+        y0 += (y1 - y0 - crop_h) // 2
+        x0 += (x1 - x0 - crop_w) // 2
+        y1, x1 = y0 + crop_h, x0 + crop_w
+    return y0, x0, y1, x1
+
+
+@functools.cache
+def _jitted_metrics():
+    return jax.jit(functools.partial(metrics.center_crop_metrics, clamp_predictions=True))
+
+
+def score_scene(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> dict[str, float]:
+    """Centre-crop protocol metrics, raw and clamped. hsi_*: [H, W, 31]."""
+    if hsi_pred.shape != hsi_true.shape:
+        raise ValueError(
+            f"prediction {hsi_pred.shape} and ground truth {hsi_true.shape} differ in shape"
+        )
+    values = _jitted_metrics()(hsi_pred, hsi_true)
+    return {name: float(value) for name, value in values.items()}
+
+
+def _progress(iterable: Iterable, total: int, description: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with tensorflow-datasets; degrade to log lines
+        return iterable
+    return tqdm(iterable, total=total, desc=description, unit="scene", dynamic_ncols=True)
+
+
+def evaluate_scenes(
+    apply_fn: Callable,
+    scenes: Any,
+    *,
+    tiled: bool = False,
+    ensemble: bool = False,
+    tile: int = 128,
+    overlap: int = 16,
+    batch_size: int = 4,
+    on_prediction: Callable[[dict, np.ndarray, np.ndarray, np.ndarray | None], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Predicts and scores every scene.
+
+    Args:
+      apply_fn: `[N, h, w, 3] -> [N, h, w, 31]` (e.g. from `inference.load_generator`).
+      scenes: `len(scenes)`, `scenes.stems` and `scenes.load(i) -> (rgb [H, W, 3], hsi or None)`
+        (`cswin_jax.data.pipeline.open_scenes`), or a sequence of (stem, rgb, hsi or None).
+      on_prediction: called as (row, rgb, prediction, truth or None) after each scene, with
+        `row` the scene's result dict (below).
+
+    Returns:
+      one dict per scene: stem, has_ground_truth, the metrics (absent without truth), seconds.
+    """
+    if hasattr(scenes, "load"):
+        count, stems, load = len(scenes), list(scenes.stems), scenes.load
+    else:
+        items = list(scenes)
+        count, stems = len(items), [item[0] for item in items]
+
+        def load(i):
+            return items[i][1], items[i][2]
+
+    rows = []
+    for i in _progress(range(count), count, "evaluate"):
+        rgb, hsi_true = load(i)
+        start = time.perf_counter()
+        if tiled:
+            hsi_pred = inference.predict_tiled(
+                apply_fn, rgb, tile=tile, overlap=overlap, batch_size=batch_size, ensemble=ensemble
+            )
+        else:
+            hsi_pred = inference.predict_whole(apply_fn, rgb, ensemble=ensemble)
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"stem": stems[i], "has_ground_truth": hsi_true is not None}
+        if hsi_true is not None:
+            row.update(score_scene(hsi_pred, hsi_true))
+        else:
+            logging.info("%s: no ground-truth cube; predicted only, not scored", stems[i])
+        row["seconds"] = seconds
+        rows.append(row)
+        if on_prediction is not None:
+            on_prediction(row, rgb, hsi_pred, hsi_true)
+    return rows
+
+
+def _metric_names(rows: Sequence[dict]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in _FIRST_COLUMNS and key != "seconds" and key not in names:
+                names.append(key)
+    raw = [n for n in names if not n.endswith("_clamped")]
+    order = {name: i for i, name in enumerate(metrics.METRIC_NAMES)}
+    raw.sort(key=lambda n: order.get(n, len(order)))
+    return [n for name in raw for n in (name, f"{name}_clamped") if n in names]
+
+
+def summarize(rows: Sequence[dict], num_extremes: int = 5) -> dict[str, Any]:
+    """Mean/std over scored scenes, worst and best scenes by MRAE, unscored scenes."""
+    scored = [r for r in rows if r["has_ground_truth"]]
+    names = _metric_names(scored)
+    summary: dict[str, Any] = {
+        "num_scenes": len(rows),
+        "num_scored": len(scored),
+        "predicted_only": [r["stem"] for r in rows if not r["has_ground_truth"]],
+        "mean": {},
+        "std": {},
+        "seconds_per_scene": float(np.mean([r["seconds"] for r in rows])) if rows else None,
+    }
+    for name in names:
+        values = np.array([r[name] for r in scored if name in r], np.float64)
+        summary["mean"][name] = float(values.mean())
+        summary["std"][name] = float(values.std())
+    if scored and "mrae" in names:
+        by_mrae = sorted(scored, key=lambda r: r["mrae"], reverse=True)
+        pick = ("stem", "mrae", "psnr", "sam")
+        summary["worst"] = [{k: r[k] for k in pick if k in r} for r in by_mrae[:num_extremes]]
+        summary["best"] = [{k: r[k] for k in pick if k in r} for r in by_mrae[::-1][:num_extremes]]
+    return summary
+
+
+def write_results(
+    output_dir: pathlib.Path, rows: Sequence[dict], summary: dict
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes metrics.csv and summary.json; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    columns = [*_FIRST_COLUMNS, *_metric_names(rows), "seconds"]
+    csv_path = output_dir / "metrics.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+    json_path = output_dir / "summary.json"
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def format_table(rows: Sequence[dict], summary: dict) -> str:
+    """A plain-text table: one line per scene, then mean and std."""
+    names = [n for n in _metric_names(rows) if n.split("_")[0] in ("mrae", "rmse", "psnr", "sam")]
+    header = f"{'scene':<20}" + "".join(f"{n:>15}" for n in names)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if row["has_ground_truth"]:
+            cells = "".join(f"{row[n]:>15.5g}" for n in names)
+        else:
+            cells = f"{'(no ground truth: predicted only)':>{15 * max(1, len(names))}}"
+        lines.append(f"{row['stem']:<20}{cells}")
+    lines.append("-" * len(header))
+    for stat in ("mean", "std"):
+        if summary[stat]:
+            cells = "".join(f"{summary[stat][n]:>15.5g}" for n in names)
+            label = f"{stat} ({summary['num_scored']} scenes)"
+            lines.append(f"{label:<20}{cells}")
+    return "\n".join(lines)
+
+
+def write_figures(
+    figure_dir: pathlib.Path,
+    rows: Sequence[dict],
+    predictions: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+) -> list[pathlib.Path]:
+    """Per-scene figures for the scenes in `predictions` and the metric histograms."""
+    from cswin_jax import viz
+
+    written = []
+    for stem, (rgb, hsi_pred, hsi_true) in predictions.items():
+        crop = scored_window(*hsi_pred.shape[:2]) if hsi_true is not None else None
+        written += viz.write_scene_figures(figure_dir, stem, hsi_pred, hsi_true, rgb, crop=crop)
+    scored = [r for r in rows if r["has_ground_truth"]]
+    if scored:
+        per_scene = {
+            name: [r[name] for r in scored if name in r]
+            for name in ("mrae", "rmse", "psnr", "ssim", "sam")
+        }
+        written.append(viz.plot_metric_histograms(figure_dir / "metric_histograms.png", per_scene))
+    return written
+
+
+class _FigureKeeper:
+    """Keeps the predictions of the current worst and best scenes (by MRAE) for figures, so an
+    evaluation of 50 full frames does not hold 50 predicted cubes in memory."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.worst: list[tuple[float, str]] = []
+        self.best: list[tuple[float, str]] = []
+        self.kept: dict[str, tuple] = {}
+        self.unscored: list[str] = []
+
+    def __call__(self, row, rgb, hsi_pred, hsi_true):
+        stem = row["stem"]
+        if hsi_true is None:
+            if len(self.unscored) < self.count:
+                self.unscored.append(stem)
+                self.kept[stem] = (rgb, hsi_pred, None)
+            return
+        mrae = row["mrae"]
+        self.kept[stem] = (rgb, hsi_pred, hsi_true)
+        self.worst = sorted([*self.worst, (mrae, stem)], reverse=True)[: self.count]
+        self.best = sorted([*self.best, (mrae, stem)])[: self.count]
+        keep = {s for _, s in self.worst} | {s for _, s in self.best} | set(self.unscored)
+        self.kept = {s: v for s, v in self.kept.items() if s in keep}
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str,
+    data_dir: str,
+    *,
+    split: str = "valid",
+    output_dir: str | None = None,
+    tiled: bool | None = None,
+    ensemble: bool = False,
+    figures: bool = False,
+    num_figure_scenes: int = 2,
+    use_ema: bool = True,
+    data_source: str = "arad",
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Restores a checkpoint, evaluates every scene of `split`, writes the results.
+
+    Returns the summary (also written to summary.json), with `output_dir` added.
+    """
+    import ml_collections
+
+    from cswin_jax.data import pipeline
+    from cswin_jax.predict import ensure_writable_dir
+
+    output = pathlib.Path(output_dir or pathlib.Path(checkpoint_dir) / f"eval_{split}")
+    ensure_writable_dir(output)
+    apply_fn, config_dict = inference.load_generator(checkpoint_dir, use_ema=use_ema, step=step)
+    config = ml_collections.ConfigDict(config_dict)
+    with config.unlocked():
+        config.data.source = data_source
+        config.data.data_dir = str(data_dir)
+    if data_source == "tfds":
+        data_root = pipeline.resolve_data_root(config, output)
+    else:
+        from cswin_jax.data import arad
+
+        data_root = arad.check_layout(data_dir)
+    scenes = pipeline.open_scenes(config, data_root, split, require_cubes=False)
+    evaluation = config.get("eval", ml_collections.ConfigDict())
+    use_tiles = bool(evaluation.get("tiled", False)) if tiled is None else tiled
+    keeper = _FigureKeeper(num_figure_scenes) if figures else None
+    logging.info(
+        "evaluating %s on %d %s scenes from %s (%s%s)",
+        checkpoint_dir,
+        len(scenes),
+        split,
+        data_root,
+        "tiled" if use_tiles else "whole frame",
+        ", 8-way ensemble" if ensemble else "",
+    )
+    rows = evaluate_scenes(
+        apply_fn,
+        scenes,
+        tiled=use_tiles,
+        ensemble=ensemble,
+        tile=int(evaluation.get("tile_size", 128)),
+        overlap=int(evaluation.get("tile_overlap", 16)),
+        batch_size=int(evaluation.get("tile_batch_size", 4)),
+        on_prediction=keeper,
+    )
+    summary = summarize(rows)
+    summary["settings"] = {
+        "checkpoint": str(checkpoint_dir),
+        "data_dir": str(data_dir),
+        "split": split,
+        "tiled": use_tiles,
+        "ensemble": ensemble,
+        "use_ema": use_ema,
+        "protocol": "centre 226x256 window (metrics.center_crop_metrics); raw and clamped [0, 1]",
+    }
+    csv_path, json_path = write_results(output, rows, summary)
+    if keeper is not None:
+        summary["figures"] = [str(p) for p in write_figures(output / "figures", rows, keeper.kept)]
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["output_dir"] = str(output)
+    print(format_table(rows, summary))
+    print(f"wrote {csv_path} and {json_path}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cswin_jax.evaluate", description="Score a checkpoint scene by scene."
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    parser.add_argument("--data_dir", required=True, help="dataset root (MST++ / ARAD-1K layout)")
+    parser.add_argument("--split", choices=("train", "valid", "test"), default="valid")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="results folder (default: <checkpoint>/eval_<split>)",
+    )
+    parser.add_argument(
+        "--tiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tiled inference (default: the checkpoint's config.eval.tiled)",
+    )
+    parser.add_argument("--ensemble", action="store_true", help="8-way flip/rotate self-ensemble")
+    parser.add_argument("--figures", action="store_true", help="figures of the worst/best scenes")
+    parser.add_argument("--figure_scenes", type=int, default=2, help="how many worst and best")
+    parser.add_argument(
+        "--raw_weights",
+        dest="use_ema",
+        action="store_false",
+        help="use the raw (not EMA) generator weights of a training checkpoint",
+    )
+    parser.add_argument("--data_source", choices=("arad", "tfds"), default="arad")
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="training step (only for delayed_sigmoid)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    return evaluate_checkpoint(
+        args.checkpoint,
+        args.data_dir,
+        split=args.split,
+        output_dir=args.output,
+        tiled=args.tiled,
+        ensemble=args.ensemble,
+        figures=args.figures,
+        num_figure_scenes=args.figure_scenes,
+        use_ema=args.use_ema,
+        data_source=args.data_source,
+        step=args.step,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Figures for spectral reconstructions: sRGB renderings, error maps, spectra, histograms.
+
+Every function writes one PNG through matplotlib's object API (`Figure` + Agg canvas), so
+nothing here touches pyplot's global state or needs a display.
+
+Colour: a 31-band cube sampled at 400, 410, ..., 700 nm is rendered by integrating it against
+the CIE 1931 2-degree colour-matching functions under CIE D65 (both from colour-science,
+aligned to 400-700 nm in 10 nm steps), normalised so that a perfect white reflector has
+Y = 1, then converted XYZ -> sRGB (gamma-encoded) and clipped to [0, 1].
+
+Usage:
+  python -m cswin_jax.viz --pred cube.mat [--gt ARAD_1K_0901.mat] [--rgb photo.jpg] \
+      [--metrics_csv eval/metrics.csv] --output figures/ [--pixels 120,200;300,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+NUM_BANDS = 31
+WAVELENGTHS_NM = np.arange(400, 701, 10)
+_EPS = 1e-8  # the original's MRAE / SAM epsilon
+
+
+@functools.lru_cache(maxsize=1)
+def _xyz_matrix() -> np.ndarray:
+    """[31, 3] float64: band reflectance -> CIE XYZ under D65, white reflector Y = 1."""
+    import colour
+
+    shape = colour.SpectralShape(400, 700, 10)
+    cmfs = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"].copy().align(shape)
+    d65 = colour.SDS_ILLUMINANTS["D65"].copy().align(shape)
+    weighted = d65.values[:, None] * cmfs.values
+    return weighted / np.sum(weighted[:, 1])
+
+
+def hsi_to_xyz(hsi: np.ndarray) -> np.ndarray:
+    """hsi: [..., 31] reflectance-like -> [..., 3] CIE XYZ (D65, white Y = 1)."""
+    hsi = np.asarray(hsi, np.float64)
+    if hsi.shape[-1] != NUM_BANDS:
+        raise ValueError(f"expected {NUM_BANDS} bands (400-700 nm, 10 nm) last, got {hsi.shape}")
+    return hsi @ _xyz_matrix()
+
+
+def auto_exposure(hsi: np.ndarray, percentile: float = 99.0) -> float:
+    """Scale that maps the `percentile` luminance (Y) of `hsi` to 1 (ARAD cubes are
+    normalised per scene, so many render dark at their native scale)."""
+    luminance = hsi_to_xyz(hsi)[..., 1]
+    level = float(np.percentile(luminance, percentile))
+    return 1.0 / level if level > 1e-6 else 1.0
+
+
+def hsi_to_srgb(hsi: np.ndarray, exposure: float | None = None) -> np.ndarray:
+    """hsi: [H, W, 31] -> [H, W, 3] float32 gamma-encoded sRGB in [0, 1].
+
+    exposure: multiplies XYZ before the sRGB conversion; None = `auto_exposure(hsi)`. Pass
+    the ground truth's exposure when rendering a prediction beside it.
+    """
+    import colour
+
+    if exposure is None:
+        exposure = auto_exposure(hsi)
+    xyz = hsi_to_xyz(hsi) * exposure
+    srgb = colour.XYZ_to_sRGB(xyz)
+    return np.clip(np.nan_to_num(srgb), 0.0, 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- error maps
+
+
+def mrae_map(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> np.ndarray:
+    """[H, W] per-pixel MRAE: mean over bands of |p - t| / (t + 1e-8), as the original's MRAE."""
+    return np.mean(np.abs(hsi_pred - hsi_true) / (hsi_true + _EPS), axis=-1)
+
+
+def sam_map(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> np.ndarray:
+    """[H, W] per-pixel spectral angle in degrees (eps 1e-8 normalisation, as the metric)."""
+    pred = hsi_pred / np.maximum(np.linalg.norm(hsi_pred, axis=-1, keepdims=True), _EPS)
+    true = hsi_true / np.maximum(np.linalg.norm(hsi_true, axis=-1, keepdims=True), _EPS)
+    cos = np.clip(np.sum(pred * true, axis=-1), -1.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
+def band_errors(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-band ([31]) MRAE, RMSE and mean signed error over all pixels."""
+    diff = hsi_pred - hsi_true
+    return {
+        "mrae": np.mean(np.abs(diff) / (hsi_true + _EPS), axis=(0, 1)),
+        "rmse": np.sqrt(np.mean(diff**2, axis=(0, 1))),
+        "bias": np.mean(diff, axis=(0, 1)),
+    }
+
+
+def _robust_max(values: np.ndarray, percentile: float = 99.0) -> float:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 1.0
+    level = float(np.percentile(finite, percentile))
+    return level if level > 0 else float(finite.max()) or 1.0
+
+
+def _crop_rectangle(crop: tuple[int, int, int, int] | None, **style) -> Rectangle | None:
+    if crop is None:
+        return None
+    y0, x0, y1, x1 = crop
+    return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, **style)
+
+
+def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _show_image(ax, image, title):
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def plot_comparison(
+    path: str | pathlib.Path,
+    hsi_pred: np.ndarray,
+    hsi_true: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    title: str = "",
+) -> pathlib.Path:
+    """Input RGB | ground truth | prediction, both cubes rendered to sRGB at the truth's
+    exposure (the prediction's own when there is no truth)."""
+    exposure = auto_exposure(hsi_true if hsi_true is not None else hsi_pred)
+    panels = []
+    if rgb is not None:
+        panels.append(("input RGB", np.clip(rgb, 0, 1)))
+    if hsi_true is not None:
+        panels.append(("ground truth (sRGB, D65)", hsi_to_srgb(hsi_true, exposure)))
+    panels.append(("prediction (sRGB, D65)", hsi_to_srgb(hsi_pred, exposure)))
+    aspect = hsi_pred.shape[0] / hsi_pred.shape[1]
+    fig = Figure(layout="constrained", figsize=(4.2 * len(panels), 4.2 * aspect + 0.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, image) in zip(axes, panels, strict=True):
+        _show_image(ax, image, name)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, pathlib.Path(path))
+
+
+def plot_error_maps(
+    path: str | pathlib.Path,
+    hsi_pred: np.ndarray,
+    hsi_true: np.ndarray,
+    crop: tuple[int, int, int, int] | None = None,
+    title: str = "",
+) -> pathlib.Path:
+    """Per-pixel MRAE and SAM (degrees) maps with colour bars; the colour scale stops at the
+    99th percentile so a few near-zero-truth pixels do not wash the map out. `crop`
+    (y0, x0, y1, x1) outlines the scored window."""
+    maps = [
+        ("MRAE per pixel", mrae_map(hsi_pred, hsi_true), "magma"),
+        ("SAM per pixel (degrees)", sam_map(hsi_pred, hsi_true), "viridis"),
+    ]
+    aspect = hsi_pred.shape[0] / hsi_pred.shape[1]
+    fig = Figure(layout="constrained", figsize=(10, 4.2 * aspect + 0.8))
+    axes = fig.subplots(1, 2)
+    for ax, (name, values, cmap) in zip(axes, maps, strict=True):
+        vmax = _robust_max(values)
+        image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        inside = values if crop is None else values[crop[0] : crop[2], crop[1] : crop[3]]
+        ax.set_title(f"{name}\nmean {np.nanmean(inside):.4g} (scored window)", fontsize=10)
+        ax.set_axis_off()
+        rect = _crop_rectangle(crop, edgecolor="white", linestyle="--", linewidth=1.0)
+        if rect is not None:
+            ax.add_patch(rect)
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, extend="max")
+        bar.ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, pathlib.Path(path))
+
+
+def worst_pixels(
+    hsi_pred: np.ndarray,
+    hsi_true: np.ndarray,
+    count: int = 3,
+    crop: tuple[int, int, int, int] | None = None,
+    min_distance: int | None = None,
+) -> list[tuple[int, int]]:
+    """The `count` pixels with the highest per-pixel MRAE (inside `crop`), at least
+    `min_distance` pixels apart (default: a tenth of the image side, so that one bad region
+    does not take every slot), plus the median-error pixel last."""
+    errors = mrae_map(hsi_pred, hsi_true)
+    if min_distance is None:
+        min_distance = max(1, max(errors.shape) // 10)
+    mask = np.zeros_like(errors, bool)
+    if crop is None:
+        mask[:] = True
+    else:
+        mask[crop[0] : crop[2], crop[1] : crop[3]] = True
+    candidates = np.flatnonzero(mask.ravel())
+    order = candidates[np.argsort(-errors.ravel()[candidates], kind="stable")]
+    chosen: list[tuple[int, int]] = []
+    width = errors.shape[1]
+    for flat in order:
+        y, x = divmod(int(flat), width)
+        if all(max(abs(y - cy), abs(x - cx)) >= min_distance for cy, cx in chosen):
+            chosen.append((y, x))
+        if len(chosen) == count:
+            break
+    median_flat = order[len(order) // 2]
+    chosen.append(divmod(int(median_flat), width))
+    return chosen
+
+
+def plot_spectra(
+    path: str | pathlib.Path,
+    hsi_pred: np.ndarray,
+    hsi_true: np.ndarray | None = None,
+    pixels: Sequence[tuple[int, int]] | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    title: str = "",
+) -> pathlib.Path:
+    """Spectra at `pixels` (default: the worst-MRAE pixels and the median one; without truth,
+    the image centre and quartiles), truth solid, prediction dashed, with the locations
+    marked on an sRGB rendering."""
+    height, width = hsi_pred.shape[:2]
+    median_last = pixels is None and hsi_true is not None
+    if pixels is None:
+        if hsi_true is not None:
+            pixels = worst_pixels(hsi_pred, hsi_true, crop=crop)
+        else:
+            pixels = [(height // 2, width // 2), (height // 4, width // 4)]
+            pixels.append((3 * height // 4, 3 * width // 4))
+    for y, x in pixels:
+        if not (0 <= y < height and 0 <= x < width):
+            raise ValueError(f"pixel ({y}, {x}) is outside the {height}x{width} image")
+    reference = hsi_true if hsi_true is not None else hsi_pred
+    fig = Figure(layout="constrained", figsize=(11, 4.2))
+    ax_img, ax_spec = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
+    _show_image(ax_img, hsi_to_srgb(reference), "locations")
+    colours = [f"C{i}" for i in range(len(pixels))]
+    errors = mrae_map(hsi_pred, hsi_true) if hsi_true is not None else None
+    for i, (colour_name, (y, x)) in enumerate(zip(colours, pixels, strict=True)):
+        ax_img.plot(x, y, "o", color=colour_name, markersize=7, mfc="none", mew=2)
+        label = f"({y}, {x})"
+        if median_last:
+            label += " median" if i == len(pixels) - 1 else " worst"
+        if errors is not None:
+            label += f" MRAE {errors[y, x]:.3f}"
+            ax_spec.plot(WAVELENGTHS_NM, hsi_true[y, x], "-", color=colour_name, label=label)
+            label = None
+        ax_spec.plot(WAVELENGTHS_NM, hsi_pred[y, x], "--", color=colour_name, label=label)
+    ax_spec.set_xlabel("wavelength (nm)")
+    ax_spec.set_ylabel("reflectance")
+    ax_spec.set_xlim(400, 700)
+    ax_spec.grid(alpha=0.3)
+    heading = "truth (solid) vs prediction (dashed)" if hsi_true is not None else "prediction"
+    ax_spec.set_title(heading, fontsize=10)
+    ax_spec.legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, pathlib.Path(path))
+
+
+def plot_band_errors(
+    path: str | pathlib.Path, hsi_pred: np.ndarray, hsi_true: np.ndarray, title: str = ""
+) -> pathlib.Path:
+    """Per-band MRAE and RMSE (and mean signed error) against wavelength."""
+    errors = band_errors(hsi_pred, hsi_true)
+    fig = Figure(layout="constrained", figsize=(10, 3.8))
+    ax_mrae, ax_rmse = fig.subplots(1, 2)
+    ax_mrae.bar(WAVELENGTHS_NM, errors["mrae"], width=8, color="C3")
+    ax_mrae.set_title("MRAE per band", fontsize=10)
+    ax_rmse.bar(WAVELENGTHS_NM, errors["rmse"], width=8, color="C0", label="RMSE")
+    ax_rmse.plot(WAVELENGTHS_NM, errors["bias"], "k.-", label="mean signed error")
+    ax_rmse.axhline(0.0, color="grey", linewidth=0.6)
+    ax_rmse.set_title("RMSE and bias per band", fontsize=10)
+    ax_rmse.legend(fontsize=8)
+    for ax in (ax_mrae, ax_rmse):
+        ax.set_xlabel("wavelength (nm)")
+        ax.set_xlim(395, 705)
+        ax.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, pathlib.Path(path))
+
+
+_METRIC_LABELS = {
+    "mrae": "MRAE",
+    "rmse": "RMSE",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "sam": "SAM (degrees)",
+    "mae": "MAE",
+}
+
+
+def plot_metric_histograms(
+    path: str | pathlib.Path, per_scene: Mapping[str, Sequence[float]], title: str = ""
+) -> pathlib.Path:
+    """One histogram per metric over scenes, mean marked. per_scene: metric -> values."""
+    names = [k for k in per_scene if len(per_scene[k]) > 0]
+    if not names:
+        raise ValueError("no per-scene metric values to plot")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(layout="constrained", figsize=(4 * cols, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        values = np.asarray(per_scene[name], np.float64)
+        values = values[np.isfinite(values)]
+        ax.hist(values, bins=min(20, max(5, len(values))), color="C0", alpha=0.8)
+        if values.size:
+            ax.axvline(values.mean(), color="C3", linestyle="--", label=f"mean {values.mean():.4g}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(_METRIC_LABELS.get(name, name))
+        ax.set_ylabel("scenes")
+    for ax in axes[len(names) :]:
+        ax.set_axis_off()
+    fig.suptitle(title or f"per-scene metrics ({len(per_scene[names[0]])} scenes)", fontsize=11)
+    return _save(fig, pathlib.Path(path))
+
+
+def write_scene_figures(
+    out_dir: str | pathlib.Path,
+    stem: str,
+    hsi_pred: np.ndarray,
+    hsi_true: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    pixels: Sequence[tuple[int, int]] | None = None,
+) -> list[pathlib.Path]:
+    """Every per-scene figure: `<stem>_comparison.png`, `<stem>_spectra.png` and, with
+    ground truth, `<stem>_error_maps.png` and `<stem>_band_errors.png`."""
+    out_dir = pathlib.Path(out_dir)
+    hsi_pred = np.asarray(hsi_pred, np.float32)
+    written = [plot_comparison(out_dir / f"{stem}_comparison.png", hsi_pred, hsi_true, rgb, stem)]
+    if hsi_true is not None:
+        hsi_true = np.asarray(hsi_true, np.float32)
+        if hsi_true.shape != hsi_pred.shape:
+            raise ValueError(
+                f"{stem}: prediction {hsi_pred.shape} and truth {hsi_true.shape} differ in shape"
+            )
+        written.append(
+            plot_error_maps(out_dir / f"{stem}_error_maps.png", hsi_pred, hsi_true, crop, stem)
+        )
+        written.append(plot_band_errors(out_dir / f"{stem}_band_errors.png", hsi_pred, hsi_true))
+    written.append(
+        plot_spectra(out_dir / f"{stem}_spectra.png", hsi_pred, hsi_true, pixels, crop, stem)
+    )
+    return written
+
+
+def read_metrics_csv(path: str | pathlib.Path) -> dict[str, list[float]]:
+    """Per-scene metrics from `evaluate`'s metrics.csv: metric -> values of scored scenes."""
+    values: dict[str, list[float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for name in _METRIC_LABELS:
+                text = row.get(name, "")
+                if text not in ("", None):
+                    values.setdefault(name, []).append(float(text))
+    return values
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_pixels(text: str | None) -> list[tuple[int, int]] | None:
+    if not text:
+        return None
+    try:
+        pixels = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
+    except ValueError:
+        pixels = []
+    if not pixels or any(len(p) != 2 for p in pixels):
+        raise argparse.ArgumentTypeError(f"--pixels must look like '120,200;300,50', got {text!r}")
+    return pixels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cswin_jax.viz", description="Figures of a predicted spectral cube."
+    )
+    parser.add_argument("--pred", help="predicted cube (.mat v7.3 / .h5 / .npy)")
+    parser.add_argument("--gt", help="ground-truth cube (ARAD .mat, .h5 or .npy)")
+    parser.add_argument("--rgb", help="input RGB image, shown beside the cubes")
+    parser.add_argument("--metrics_csv", help="evaluate's metrics.csv: per-scene histograms")
+    parser.add_argument("--output", default="figures", help="folder for the PNG files")
+    parser.add_argument(
+        "--pixels", type=_parse_pixels, default=None, help="spectra at 'y,x;y,x' (default: worst)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.pred and not args.metrics_csv:
+        parser.error("give --pred (a cube) and/or --metrics_csv (evaluate's output)")
+    from cswin_jax import predict
+
+    out_dir = pathlib.Path(args.output)
+    written = []
+    if args.pred:
+        hsi_pred = predict.read_cube(args.pred)
+        hsi_true = predict.read_cube(args.gt) if args.gt else None
+        rgb = predict.read_rgb(args.rgb) if args.rgb else None
+        stem = pathlib.Path(args.pred).stem
+        written += write_scene_figures(out_dir, stem, hsi_pred, hsi_true, rgb, pixels=args.pixels)
+    if args.metrics_csv:
+        per_scene = read_metrics_csv(args.metrics_csv)
+        written.append(plot_metric_histograms(out_dir / "metric_histograms.png", per_scene))
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()
