@@ -108,22 +108,26 @@ def window_cyclic_bias(table_line: Array, length: int, split_size: int) -> Array
 
 
 def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: float) -> Array:
-    """softmax(q k^T * scale + bias) v over sequences.
+    """softmax(q k^T * scale + bias) v over sequences, heads-major layout.
 
-    q, k, v: [N, L, heads, d]; bias: [heads, L, L] (float32) or [N, heads, L, L] or None.
-    Returns [N, L, heads, d] in v's dtype. Logits and softmax in float32.
+    q, k, v: [N, heads, L, d]; bias: float32, broadcastable to [N, heads, L, L], or None.
+    Returns [N, heads, L, d] in v's dtype. Logits and softmax in float32; the softmax
+    normalisation is applied after the value product (one division per output, not per logit).
     """
-    logits = jnp.einsum("nihd,njhd->nhij", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("nhid,nhjd->nhij", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("nhij,njhd->nihd", probs, v)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum(
+        "nhij,nhjd->nhid", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) -> Array:
-    """`_softmax_attention` with a shared bias, run in sequential chunks of sequences when
-    the logits would be large (memory only; numerically identical)."""
-    num_seq, length, heads, _ = q.shape
+    """`_softmax_attention` with a bias shared by all sequences, run in sequential chunks of
+    sequences when the logits would be large (memory only; numerically identical)."""
+    num_seq, heads, length, _ = q.shape
     per_seq = heads * length * length
     if num_seq * per_seq <= _MAX_LOGITS_PER_CHUNK:
         return _softmax_attention(q, k, v, bias, scale)
@@ -168,23 +172,22 @@ class CSWinAttention(nn.Module):
         x = jnp.pad(x.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         hp, wp = height + pad_h, width + pad_w
 
-        def split_heads(qkv, shape):
-            return [t.reshape(shape + (heads, head_dim)) for t in jnp.split(qkv, 3, axis=-1)]
-
-        # Horizontal branch: sequences are rows, [B*Hp, Wp, heads, d].
+        # Horizontal branch: every padded row is a sequence, q/k/v [B*Hp, heads, Wp, d].
         qkv_h = Pointwise(3 * channels, dtype=self.dtype, name="qkv_h")(x)
-        q, k, v = split_heads(qkv_h, (batch * hp, wp))
+        qkv_h = qkv_h.reshape(batch * hp, wp, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
         bias_h = window_cyclic_bias(table_h[s - 1], wp, s)
-        out_h = _chunked_attention(q, k, v, bias_h, scale).reshape(batch, hp, wp, channels)
+        out_h = _chunked_attention(qkv_h[0], qkv_h[1], qkv_h[2], bias_h, scale)
+        out_h = out_h.transpose(0, 2, 1, 3).reshape(batch, hp, wp, channels)
         out_h = LePE(dtype=self.dtype, name="lepe_h")(out_h)
 
-        # Vertical branch: sequences are columns, [B*Wp, Hp, heads, d].
+        # Vertical branch: every padded column is a sequence, q/k/v [B*Wp, heads, Hp, d].
         qkv_v = Pointwise(3 * channels, dtype=self.dtype, name="qkv_v")(x)
-        qkv_v = jnp.swapaxes(qkv_v, 1, 2)
-        q, k, v = split_heads(qkv_v, (batch * wp, hp))
+        qkv_v = qkv_v.reshape(batch, hp, wp, 3, heads, head_dim).transpose(3, 0, 2, 4, 1, 5)
+        qkv_v = qkv_v.reshape(3, batch * wp, heads, hp, head_dim)
         bias_v = window_cyclic_bias(table_v[:, s - 1], hp, s)
-        out_v = _chunked_attention(q, k, v, bias_v, scale).reshape(batch, wp, hp, channels)
-        out_v = LePE(dtype=self.dtype, name="lepe_v")(jnp.swapaxes(out_v, 1, 2))
+        out_v = _chunked_attention(qkv_v[0], qkv_v[1], qkv_v[2], bias_v, scale)
+        out_v = out_v.reshape(batch, wp, heads, hp, head_dim).transpose(0, 3, 1, 2, 4)
+        out_v = LePE(dtype=self.dtype, name="lepe_v")(out_v.reshape(batch, hp, wp, channels))
 
         out = Pointwise(channels, dtype=self.dtype, name="proj")((out_h + out_v) / 2)
         return out[:, :height, :width, :]
@@ -251,8 +254,8 @@ class CSWinStripeAttention(nn.Module):
             key_mask = mask[..., 0].reshape(num_win, 1, 1, rows * cols)
             bias = jnp.where(key_mask > 0, 0.0, -jnp.inf)
             attn = _softmax_attention(
-                qw.reshape(seq), kw.reshape(seq), vw.reshape(seq), bias, scale
-            )
+                *(t.reshape(seq).transpose(0, 2, 1, 3) for t in (qw, kw, vw)), bias, scale
+            ).transpose(0, 2, 1, 3)
             lepe = DepthwiseConv3x3(dtype=self.dtype, name=name)(vw)
             out = attn.reshape(num_win, rows, cols, half) + lepe
             outputs.append(unstripes(out, vertical))

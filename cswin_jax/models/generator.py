@@ -201,6 +201,42 @@ def _three_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
     return sizes[0], sizes[1], sizes[2]
 
 
+def output_head(
+    x: Array,
+    *,
+    activation: str,
+    train: bool,
+    step: Array | int | None,
+    activation_delay_iters: int,
+    clamp_range: float,
+    clamp_after_iters: int,
+) -> Array:
+    """The original's output activation and train-only clamp (see `Generator` for `step`).
+
+    x: [B, H, W, C] float32 pre-activation -> same shape.
+    """
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(
+            f"model.output_activation: unknown value {activation!r}, expected one of "
+            f"{OUTPUT_ACTIVATIONS}"
+        )
+    step = jnp.asarray(0 if step is None else step)
+    if activation == "sigmoid":
+        return jax.nn.sigmoid(x)
+    if activation == "tanh":
+        return 0.5 * (jnp.tanh(x) + 1.0)
+    linear = jnp.asarray(True)
+    if activation == "delayed_sigmoid":
+        active = step > activation_delay_iters
+        x = jnp.where(active, jax.nn.sigmoid(x), x)
+        linear = jnp.logical_not(active)
+    if train:
+        in_window = jnp.asarray(True) if clamp_after_iters == 0 else step < clamp_after_iters
+        clamped = jnp.clip(x, -clamp_range, clamp_range)
+        x = jnp.where(jnp.logical_and(linear, in_window), clamped, x)
+    return x
+
+
 class Generator(nn.Module):
     """CSWIN v2 generator. Fields mirror `config.model` (see configs/base.py).
 
@@ -268,26 +304,6 @@ class Generator(nn.Module):
             )(x)
         return x
 
-    def _output_head(self, x: Array, train: bool, step: Array | int | None) -> Array:
-        step = jnp.asarray(0 if step is None else step)
-        act = self.output_activation
-        if act == "sigmoid":
-            return jax.nn.sigmoid(x)
-        if act == "tanh":
-            return 0.5 * (jnp.tanh(x) + 1.0)
-        linear = jnp.asarray(True)
-        if act == "delayed_sigmoid":
-            active = step > self.activation_delay_iters
-            x = jnp.where(active, jax.nn.sigmoid(x), x)
-            linear = jnp.logical_not(active)
-        if train:
-            in_window = (
-                jnp.asarray(True) if self.clamp_after_iters == 0 else step < self.clamp_after_iters
-            )
-            clamped = jnp.clip(x, -self.clamp_range, self.clamp_range)
-            x = jnp.where(jnp.logical_and(linear, in_window), clamped, x)
-        return x
-
     @nn.compact
     def __call__(self, rgb: Array, train: bool = False, step: Array | int | None = None) -> Array:
         """rgb: [B, H, W, in_channels] -> hsi [B, H, W, out_channels] float32."""
@@ -326,7 +342,15 @@ class Generator(nn.Module):
 
         x = resize_bilinear(x, emb.shape[1], emb.shape[2])
         hsi = Conv3x3(self.out_channels, dtype=dt, name="to_spectral")(x + emb)
-        return self._output_head(hsi.astype(jnp.float32), train, step)
+        return output_head(
+            hsi.astype(jnp.float32),
+            activation=self.output_activation,
+            train=train,
+            step=step,
+            activation_delay_iters=self.activation_delay_iters,
+            clamp_range=self.clamp_range,
+            clamp_after_iters=self.clamp_after_iters,
+        )
 
 
 def build_generator(model_cfg: Any, dtype: Dtype = jnp.float32) -> Generator:

@@ -81,7 +81,10 @@ def resize_bilinear(x: Array, height: int, width: int) -> Array:
 
 
 class Conv3x3(nn.Module):
-    """Full 3x3 convolution, stride 1, zero padding 1, with bias. x: [B, H, W, I] -> [B, H, W, O]."""
+    """Full 3x3 convolution, stride 1, zero padding 1, with bias.
+
+    x: [B, H, W, I] -> [B, H, W, O]; kernel `(3, 3, I, O)` (HWIO).
+    """
 
     features: int
     dtype: Dtype = jnp.float32
