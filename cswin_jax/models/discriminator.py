@@ -34,6 +34,7 @@ whose output is not finite everywhere passes its input through.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,6 +89,56 @@ def spectral_sigma(kernel: Array, u: Array, v: Array) -> Array:
     u, v = lax.stop_gradient(u), lax.stop_gradient(v)
     w_v = jnp.dot(kernel_matrix(kernel.astype(jnp.float32)), v, precision=lax.Precision.HIGHEST)
     return jnp.dot(u, w_v, precision=lax.Precision.HIGHEST)
+
+
+# Memory: the backward pass of these cheap elementwise/reduction steps would otherwise keep
+# several float32 or 9x-shifted copies of full-resolution activations (at batch 20, 128x128,
+# the depthwise conv alone kept 9 shifted bf16 copies of a [20,128,128,192] tensor per block);
+# recomputing them in the backward pass keeps only their inputs. Same numbers either way.
+_depthwise_conv3x3_recomputed = jax.checkpoint(depthwise_conv3x3)
+_gelu = jax.checkpoint(gelu)  # keeps x, not erf/exp intermediates
+
+
+@jax.checkpoint
+def _channel_layer_norm(x: Array, scale: Array, bias: Array) -> Array:
+    """PyTorch LayerNorm over the last axis (biased variance, eps 1e-5), in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return (centred * lax.rsqrt(var + LAYER_NORM_EPS) * scale + bias).astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _channel_attention_weights(q: Array, k: Array, temperature: Array, nan_safe: bool) -> Array:
+    """softmax(clamp((q/|q|)(k/|k|)^T * t, +-50)) in float32.
+
+    q, k: [B, N, heads, c] (N = pixels); returns [B, heads, c, c].
+
+    q and k are L2-normalised over the N (pixel) axis with eps 1e-12, as F.normalize(dim=-1)
+    on the original's (B, heads, c, N) layout. `nan_safe`: the original's eval-mode
+    nan_to_num(0) on the logits.
+    """
+    q = q.astype(jnp.float32)
+    k = k.astype(jnp.float32)
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), ATTENTION_L2_EPS)
+    k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), ATTENTION_L2_EPS)
+    logits = jnp.einsum("bnhc,bnhd->bhcd", q, k) * temperature[:, None, None]
+    logits = jnp.clip(logits, -ATTENTION_LOGIT_CLAMP, ATTENTION_LOGIT_CLAMP)
+    if nan_safe:
+        logits = jnp.nan_to_num(logits, nan=0.0)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class ChannelLayerNorm(nn.Module):
+    """`nn.LayerNorm(C)` applied channels-last: x [..., C] -> same, in x's dtype (stats float32)."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        return _channel_layer_norm(x, scale, bias)
 
 
 class SNConv(nn.Module):
@@ -171,7 +222,7 @@ class SNConv(nn.Module):
             and self.padding == 1
         ):
             # Nine shifted multiply-adds: XLA CPU's grouped convolution is far slower.
-            y = depthwise_conv3x3(x, weight)
+            y = _depthwise_conv3x3_recomputed(x, weight)
         else:
             y = lax.conv_general_dilated(
                 x,
@@ -209,7 +260,7 @@ class SNConvBlock(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x, train)
-        return gelu(y)
+        return _gelu(y)
 
 
 class SpectralSelfAttention(nn.Module):
@@ -245,15 +296,9 @@ class SpectralSelfAttention(nn.Module):
         qkv = conv(3 * self.dim, 3, 3 * self.dim, "qkv_dwconv")(qkv, train)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         shape = (batch, height * width, heads, head_dim)
-        q = q.reshape(shape).astype(jnp.float32)
-        k = k.reshape(shape).astype(jnp.float32)
-        q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), ATTENTION_L2_EPS)
-        k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), ATTENTION_L2_EPS)
-        logits = jnp.einsum("bnhc,bnhd->bhcd", q, k) * temperature[:, None, None]
-        logits = jnp.clip(logits, -ATTENTION_LOGIT_CLAMP, ATTENTION_LOGIT_CLAMP)
-        if not train:  # the original's eval-mode "NaN-safe logits"
-            logits = jnp.nan_to_num(logits, nan=0.0)
-        attn = jax.nn.softmax(logits, axis=-1)
+        attn = _channel_attention_weights(
+            q.reshape(shape), k.reshape(shape), temperature, not train
+        )
         if self.dropout > 0.0:
             attn = nn.Dropout(self.dropout, deterministic=not train)(attn)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn.astype(self.dtype), v.reshape(shape))
@@ -277,17 +322,14 @@ class SNTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        layer_norm = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name
-        )
-        y = layer_norm("norm1")(x.astype(jnp.float32)).astype(self.dtype)
+        y = ChannelLayerNorm(name="norm1")(x)
         y = SpectralSelfAttention(
             self.dim, self.num_heads, dropout=self.dropout, dtype=self.dtype, name="attn"
         )(y, train)
         x = x + RESIDUAL_SCALE * y
-        y = layer_norm("norm2")(x.astype(jnp.float32)).astype(self.dtype)
+        y = ChannelLayerNorm(name="norm2")(x)
         y = SNConv(int(self.dim * self.mlp_ratio), dtype=self.dtype, name="mlp_0")(y, train)
-        y = gelu(y)
+        y = _gelu(y)
         if self.dropout > 0.0:
             y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = SNConv(self.dim, dtype=self.dtype, name="mlp_3")(y, train)
@@ -305,14 +347,20 @@ class DiscriminatorStage(nn.Module):
     mlp_ratio: float
     dropout: float
     downsample: bool
+    remat: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         if self.downsample:
             x = SNConvBlock(self.dim, 3, 2, 1, dtype=self.dtype, name="downsample")(x, train)
+        # remat: keep only each block's input for the backward pass and recompute the rest
+        # (explicit names keep the parameter paths identical with and without remat).
+        block_cls = (
+            nn.remat(SNTransformerBlock, static_argnums=(2,)) if self.remat else SNTransformerBlock
+        )
         for i in range(self.num_blocks):
-            y = SNTransformerBlock(
+            y = block_cls(
                 self.dim,
                 self.num_heads,
                 self.mlp_ratio,
@@ -339,6 +387,7 @@ class Discriminator(nn.Module):
     dropout: float = 0.0
     rgb_channels: int = RGB_CHANNELS
     hsi_channels: int = HSI_CHANNELS
+    remat: bool = False  # recompute each transformer block in the backward pass (memory only)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -358,6 +407,7 @@ class Discriminator(nn.Module):
                 self.mlp_ratio,
                 self.dropout,
                 downsample=i > 0,
+                remat=self.remat,
                 dtype=self.dtype,
                 name=f"encoder_stages_{i}",
             )(x, train)
@@ -369,7 +419,7 @@ class Discriminator(nn.Module):
             dtype=self.dtype,
             name="output_proj_0",
         )(x, train)
-        x = gelu(x)
+        x = _gelu(x)
         x = SNConv(1, kernel_init=xavier_uniform(0.1), dtype=self.dtype, name="output_proj_2")(
             x, train
         )
@@ -396,13 +446,14 @@ class Discriminator(nn.Module):
 
 def build_discriminator(disc_cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> Discriminator:
     """Discriminator from `config.discriminator` (base_dim, num_heads, num_blocks, mlp_ratio,
-    dropout); `dtype` is the compute dtype."""
+    dropout, optional remat: bool); `dtype` is the compute dtype."""
     return Discriminator(
         base_dim=int(disc_cfg["base_dim"]),
         num_heads=int(disc_cfg["num_heads"]),
         num_blocks=tuple(int(b) for b in disc_cfg["num_blocks"]),
         mlp_ratio=float(disc_cfg["mlp_ratio"]),
         dropout=float(disc_cfg["dropout"]),
+        remat=bool(disc_cfg.get("remat", False)),
         dtype=dtype,
     )
 

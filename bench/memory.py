@@ -1,0 +1,208 @@
+"""XLA's compiled memory analysis of one generator + discriminator training step, per remat policy.
+
+  python bench/memory.py [--batch 20] [--patch 128] [--dtype bfloat16|float32]
+                         [--policies none,attention,block] [--config configs/base.py]
+
+The step (compiled, never run; parameters and data are abstract shapes): the generator forward
+and backward on a Charbonnier loss plus a simple adversarial term -0.1*mean D(rgb, fake) through
+a train-mode discriminator; then the discriminator forward and backward on real and detached
+fake batches (softplus GAN loss); Adam updates for both, with parameters and optimizer states
+donated. Batch 20 is one micro-batch (the default recipe's gradient accumulation 2 uses 10).
+
+Prints, per generator `model.remat` policy, XLA's `compiled.memory_analysis()`: temp
+(intermediates and activations kept for the backward pass), argument, output, alias (outputs
+written into donated arguments) and generated code sizes, and peak = argument + output - alias
++ temp. Figures are for the backend JAX picks (GPU when present); XLA CPU fuses and schedules
+differently from GPU, so CPU figures are indicative only. Compiling the default width on CPU
+takes minutes per policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cswin_jax.losses import charbonnier
+from cswin_jax.models.discriminator import build_discriminator
+from cswin_jax.models.generator import build_generator
+
+GIB = 1024**3
+ADV_WEIGHT = 0.1
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("bench_config", pathlib.Path(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def make_losses(gen, disc):
+    """(generator loss, discriminator loss) of one training iteration."""
+
+    def gen_loss(gen_params, disc_params, disc_sn, rgb, hsi):
+        fake = gen.apply({"params": gen_params}, rgb, train=True, step=1)
+        logits, updates = disc.apply(
+            {"params": disc_params, "spectral_norm": disc_sn},
+            rgb,
+            fake,
+            train=True,
+            mutable=["spectral_norm"],
+        )
+        loss = charbonnier(fake, hsi) - ADV_WEIGHT * jnp.mean(logits)
+        return loss, (fake, updates["spectral_norm"])
+
+    def disc_loss(disc_params, disc_sn, rgb, hsi, fake):
+        real_logits, upd = disc.apply(
+            {"params": disc_params, "spectral_norm": disc_sn},
+            rgb,
+            hsi,
+            train=True,
+            mutable=["spectral_norm"],
+        )
+        fake_logits, upd = disc.apply(
+            {"params": disc_params, "spectral_norm": upd["spectral_norm"]},
+            rgb,
+            jax.lax.stop_gradient(fake),
+            train=True,
+            mutable=["spectral_norm"],
+        )
+        loss = jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+        return loss, upd["spectral_norm"]
+
+    return gen_loss, disc_loss
+
+
+def make_step(gen, disc, tx_g, tx_d):
+    """One G update then one D update (the original trainer's per-iteration order)."""
+    gen_loss, disc_loss = make_losses(gen, disc)
+
+    def step(gen_params, gen_opt, disc_params, disc_sn, disc_opt, rgb, hsi):
+        (_, (fake, sn)), g_grads = jax.value_and_grad(gen_loss, has_aux=True)(
+            gen_params, disc_params, disc_sn, rgb, hsi
+        )
+        g_updates, gen_opt = tx_g.update(g_grads, gen_opt, gen_params)
+        gen_params = optax.apply_updates(gen_params, g_updates)
+        (_, sn), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+            disc_params, sn, rgb, hsi, fake
+        )
+        d_updates, disc_opt = tx_d.update(d_grads, disc_opt, disc_params)
+        disc_params = optax.apply_updates(disc_params, d_updates)
+        return gen_params, gen_opt, disc_params, sn, disc_opt
+
+    return step
+
+
+def residual_gib(loss_fn, *args) -> float:
+    """GiB that reverse mode keeps from the forward pass of `loss_fn(*args)` for its backward
+    pass (the leaves of the VJP closure: activations, plus the arguments it keeps). Backend
+    independent: what remat policies change."""
+    vjp_fn = jax.eval_shape(lambda *a: jax.vjp(lambda *b: loss_fn(*b)[0], *a)[1], *args)
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn)) / GIB
+
+
+def analyse(config, policy: str, batch: int, patch: int, dtype, compile_step: bool):
+    config.model.remat = policy
+    gen = build_generator(config.model, dtype=dtype)
+    disc = build_discriminator(config.discriminator, dtype=dtype)
+    tx_g, tx_d = optax.adam(2e-4, b1=0.5), optax.adam(5e-5, b1=0.5)
+    rgb = jax.ShapeDtypeStruct((batch, patch, patch, config.model.in_channels), jnp.float32)
+    hsi = jax.ShapeDtypeStruct((batch, patch, patch, config.model.out_channels), jnp.float32)
+    key = jax.random.key(0)
+    gen_params = jax.eval_shape(lambda: gen.init(key, jnp.zeros((1, 32, 32, 3)))["params"])
+    disc_vars = jax.eval_shape(
+        lambda: disc.init(key, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 31)))
+    )
+    gen_opt = jax.eval_shape(tx_g.init, gen_params)
+    disc_opt = jax.eval_shape(tx_d.init, disc_vars["params"])
+    gen_loss, disc_loss = make_losses(gen, disc)
+    disc_params, disc_sn = disc_vars["params"], disc_vars["spectral_norm"]
+    row = {
+        "res_g": residual_gib(gen_loss, gen_params, disc_params, disc_sn, rgb, hsi),
+        "res_d": residual_gib(
+            disc_loss, disc_params, disc_sn, rgb, hsi, jax.ShapeDtypeStruct(hsi.shape, dtype)
+        ),
+    }
+    if not compile_step:
+        return row
+    step = jax.jit(make_step(gen, disc, tx_g, tx_d), donate_argnums=(0, 1, 2, 3, 4))
+    start = time.perf_counter()
+    compiled = step.lower(
+        gen_params, gen_opt, disc_vars["params"], disc_vars["spectral_norm"], disc_opt, rgb, hsi
+    ).compile()
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    row |= {
+        "temp": stats.temp_size_in_bytes / GIB,
+        "argument": stats.argument_size_in_bytes / GIB,
+        "output": stats.output_size_in_bytes / GIB,
+        "alias": stats.alias_size_in_bytes / GIB,
+        "code": stats.generated_code_size_in_bytes / GIB,
+        "compile_s": seconds,
+    }
+    row["peak"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--policies", default="none,attention,block")
+    parser.add_argument(
+        "--config", default=str(pathlib.Path(__file__).parents[1] / "configs/base.py")
+    )
+    parser.add_argument("--base_channels", type=int, default=None, help="override G width")
+    parser.add_argument("--disc_base_dim", type=int, default=None, help="override D width")
+    parser.add_argument(
+        "--disc_remat", choices=["config", "on", "off"], default="config",
+        help="discriminator block remat (default: config.discriminator.remat, else off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--residuals_only", action="store_true", help="skip compiling (seconds, not minutes)"
+    )
+    args = parser.parse_args()
+
+    config = load_config(args.config)
+    if args.base_channels:
+        config.model.base_channels = args.base_channels
+    if args.disc_base_dim:
+        config.discriminator.base_dim = args.disc_base_dim
+    if args.disc_remat != "config":
+        config.discriminator.remat = args.disc_remat == "on"
+    disc_remat = bool(config.discriminator.get("remat", False))
+    print(
+        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})  batch {args.batch}  "
+        f"patch {args.patch}x{args.patch}  compute {args.dtype}  G width "
+        f"{config.model.base_channels}  D width {config.discriminator.base_dim}  "
+        f"D remat {disc_remat}"
+    )
+    print(
+        "residuals = activations kept for the backward pass (backend independent); XLA = "
+        "compiled.memory_analysis() of the whole step on this backend; sizes in GiB"
+    )
+    columns = ["res G+D(fake)", "res D(real,fake)"]
+    if not args.residuals_only:
+        columns += ["XLA temp", "argument", "output", "alias", "code MiB", "XLA peak", "compile s"]
+    print(f"{'G remat':<10s}" + "".join(f"{c:>17s}" for c in columns), flush=True)
+    for policy in args.policies.split(","):
+        row = analyse(
+            config, policy, args.batch, args.patch, jnp.dtype(args.dtype), not args.residuals_only
+        )
+        values = [row["res_g"], row["res_d"]]
+        if not args.residuals_only:
+            values += [row["temp"], row["argument"], row["output"], row["alias"]]
+            values += [row["code"] * 1024, row["peak"], row["compile_s"]]
+        print(f"{policy:<10s}" + "".join(f"{v:>17.3f}" for v in values), flush=True)
+
+
+if __name__ == "__main__":
+    main()
