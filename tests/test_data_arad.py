@@ -80,6 +80,19 @@ def test_npy_and_h5_cubes_with_band_axis_first_or_last(tmp_path, band_first):
     np.testing.assert_array_equal(arad.read_cube(tmp_path / "scene.h5", rgb_hw=(H, W)), cube)
 
 
+def test_compressed_chunked_cube_read_through_h5py(tmp_path):
+    # MATLAB writes large v7.3 variables chunked and gzip-compressed: not memory-mappable.
+    cube = _cube(h=12, w=10)
+    path = tmp_path / "scene.mat"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("cube", data=cube.T, chunks=(31, 4, 4), compression="gzip")
+    reader = arad.CubeReader(path, rgb_hw=(12, 10))
+    assert isinstance(reader._array, h5py.Dataset)  # the windowed path through HDF5
+    np.testing.assert_array_equal(reader.read_window(3, 2, 5, 6), cube[3:8, 2:8])
+    np.testing.assert_array_equal(reader.read(), cube)
+    reader.close()
+
+
 @pytest.mark.parametrize("suffix", [".mat", ".npy"])
 def test_transposed_cube_is_fixed_from_rgb_shape(tmp_path, suffix):
     cube = _cube()

@@ -78,7 +78,7 @@ def test_rgb_and_hsi_get_identical_augmentation(scenes):
     for i in range(0, len(draws), 7):
         index, k, v, h = draws[i]
         scene, top, left = (int(a[0]) for a in grid.locate([index]))
-        rgb_scene, hsi_scene = store.rgb[scene], store.hsi[scene]
+        rgb_scene, hsi_scene = scenes.load(scene)
         for out, full in ((batch["rgb"][i], rgb_scene), (batch["hsi"][i], hsi_scene)):
             undone = out[:, ::-1] if h else out
             undone = undone[::-1] if v else undone
@@ -157,3 +157,15 @@ def test_unknown_memory_mode(monkeypatch):
         ValueError, match=r"MST_LAZY_CACHE_SIZE must be a positive integer, got 'zero'"
     ):
         patches.resolve_memory_mode(_data_config("lazy"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_spectrum_item_copy_equals_elementwise_augmentation(dtype):
+    scene = np.random.default_rng(0).standard_normal((20, 24, 31)).astype(dtype)
+    patch = scene[4:12, 8:16]  # a strided window, as the stores hand out
+    for k in range(4):
+        for v in range(2):
+            for h in range(2):
+                out = np.empty((8, 8, 31), dtype)
+                patches.copy_augmented(out, patch, k, v, h)
+                np.testing.assert_array_equal(out, patches.augment(patch, k, v, h))

@@ -254,8 +254,9 @@ class CubeReader:
     """An open cube file with random-access windows, for lazy reading.
 
     The orientation fix is resolved at opening: `shape` is (H, W, bands) as the RGB image sees
-    it. v7.3 / .h5 files keep an open h5py handle, .npy files are memory-mapped, v5 files
-    (which scipy cannot read partially) are loaded whole.
+    it. v7.3 / .h5 files with an unchunked `cube` and .npy files are memory-mapped, chunked
+    (compressed) HDF5 cubes keep an open h5py handle, v5 files (which scipy cannot read
+    partially) are loaded whole.
     """
 
     def __init__(
@@ -318,7 +319,18 @@ class CubeReader:
                 f"{self.path}: expected key '{CUBE_KEY}' with {NUM_BANDS} bands, found keys "
                 f"{keys}; save the cube under '{CUBE_KEY}'"
             )
-        return self._file[CUBE_KEY], ("mat73" if suffix == ".mat" else "h5")
+        dataset = self._file[CUBE_KEY]
+        fmt = "mat73" if suffix == ".mat" else "h5"
+        offset = dataset.id.get_offset()
+        if dataset.chunks is None and offset is not None and dataset.dtype.kind == "f":
+            # An unchunked, uncompressed dataset is one plain array in the file: memory-map it
+            # so windows are numpy slices (a patch read through HDF5's hyperslab machinery
+            # costs milliseconds).
+            array = np.memmap(self.path, dtype=dataset.dtype, mode="r", offset=offset,
+                              shape=dataset.shape)  # fmt: skip
+            self.close()
+            return array, fmt
+        return dataset, fmt
 
     def _load_mat_v5(self) -> np.ndarray:
         import scipy.io  # noqa: PLC0415  (only v5 files need scipy)

@@ -18,6 +18,7 @@ Memory modes (`data.memory_mode`, overridden by env `MST_MEMORY_MODE`):
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import threading
 from collections.abc import Sequence
@@ -104,10 +105,25 @@ def augment(patch: np.ndarray, rot_k: int, vflip: bool, hflip: bool) -> np.ndarr
     return patch
 
 
+def copy_augmented(out: np.ndarray, patch: np.ndarray, rot_k, vflip, hflip) -> None:
+    """out[...] = augment(patch, ...) for [P, P, C] arrays of one dtype, in one copy.
+
+    Each pixel's C values are contiguous in both arrays, so they are viewed as one opaque
+    C * itemsize-byte item: numpy then moves whole spectra per step instead of running its
+    inner loop over 31 (or 3) numbers, which halves the cost of the transposing copies of
+    rot90 k = 1, 3 and of flips.
+    """
+    pixel = np.dtype((np.void, patch.dtype.itemsize * patch.shape[-1]))
+    if patch.strides[-1] != patch.dtype.itemsize or out.dtype != patch.dtype:
+        out[...] = augment(patch, rot_k, vflip, hflip)
+        return
+    out.view(pixel)[..., 0] = augment(patch.view(pixel)[..., 0], rot_k, vflip, hflip)
+
+
 class ResidentStore:
     """Every scene in memory (`standard`: float32, `float16`: float16)."""
 
-    def __init__(self, scenes, dtype=np.float32):
+    def __init__(self, scenes, dtype):
         self.dtype = np.dtype(dtype)
         self.rgb, self.hsi = [], []
         for i in range(len(scenes)):
@@ -165,7 +181,7 @@ class LazyStore:
         hsi = opened.read_hsi_window(top, left, size, size)
         # Eager modes check whole cubes at load; here each window is checked as it is read.
         check_finite(hsi, f"{self.scenes.stems[scene]} (lazy window at {top},{left})")
-        return opened.rgb[top : top + size, left : left + size], hsi
+        return opened.rgb[top : top + size, left : left + size], np.ascontiguousarray(hsi)
 
 
 def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
@@ -179,22 +195,52 @@ def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
     raise ValueError(f"unknown data.memory_mode {memory_mode!r}: use one of {list(MEMORY_MODES)}")
 
 
+_ALLOCATOR_TUNED = False
+
+
+def _keep_batch_memory_mapped() -> None:
+    """Stops glibc from returning each freed batch to the kernel.
+
+    A batch of 20 float32 128 x 128 x 34 patches is 44 MB: above glibc's largest mmap
+    threshold (32 MB), so every batch would be a fresh mmap whose pages fault in (and are
+    zeroed) on first write, a second pass over memory that costs about a quarter of the
+    pipeline's time. Raising the thresholds keeps freed batches in the heap for reuse.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 def gather_patches(store, grid: PatchGrid, draws: np.ndarray, num_bands: int):
     """Cuts, augments and stacks a batch of patches with one copy per patch.
 
     draws: [B, 4] int (patch index, rot_k, vflip, hflip).
     Returns {'rgb': [B, P, P, 3] float32, 'hsi': [B, P, P, num_bands] float32}.
     """
+    _keep_batch_memory_mapped()
     draws = np.asarray(draws, dtype=np.int64).reshape(-1, 4)
     size = grid.patch_size
     scenes, tops, lefts = grid.locate(draws[:, 0])
     batch = len(draws)
     rgb_out = np.empty((batch, size, size, 3), np.float32)
     hsi_out = np.empty((batch, size, size, num_bands), np.float32)
+    scratch = {}  # float16 mode: copy in the resident dtype, then cast contiguously
     for i in range(batch):
         rgb, hsi = store.scene_patches(int(scenes[i]), int(tops[i]), int(lefts[i]), size)
         rot_k, vflip, hflip = draws[i, 1], draws[i, 2], draws[i, 3]
-        # Assigning a strided view copies (and casts float16 -> float32) in one pass.
-        rgb_out[i] = augment(rgb, rot_k, vflip, hflip)
-        hsi_out[i] = augment(hsi, rot_k, vflip, hflip)
+        for out, patch in ((rgb_out[i], rgb), (hsi_out[i], hsi)):
+            if patch.dtype == out.dtype:
+                copy_augmented(out, patch, rot_k, vflip, hflip)
+            else:
+                staging = scratch.setdefault(patch.shape, np.empty(patch.shape, patch.dtype))
+                copy_augmented(staging, patch, rot_k, vflip, hflip)
+                out[...] = staging
     return {"rgb": rgb_out, "hsi": hsi_out}
