@@ -3,6 +3,8 @@
 Scenes are small synthetic 40x48 sets with patch 16, stride 8 (4 x 5 = 20 positions each).
 """
 
+import gc
+import pathlib
 import pickle
 
 import ml_collections
@@ -169,3 +171,19 @@ def test_spectrum_item_copy_equals_elementwise_augmentation(dtype):
                 out = np.empty((8, 8, 31), dtype)
                 patches.copy_augmented(out, patch, k, v, h)
                 np.testing.assert_array_equal(out, patches.augment(patch, k, v, h))
+
+
+def test_resident_store_shared_once_through_a_file_when_pickled(scenes):
+    store = patches.make_store(scenes, "float16")
+    before = [a.copy() for a in store.hsi + store.rgb]
+    clone = pickle.loads(pickle.dumps(store))  # what a grain worker receives
+    path = pathlib.Path(store.shared_path)
+    assert path.is_file() and clone.shared_path == store.shared_path
+    assert len(pickle.dumps(store)) < 10_000  # the pixels are not in the pickle
+    for a, b, c in zip(before, store.hsi + store.rgb, clone.hsi + clone.rgb, strict=True):
+        assert a.dtype == b.dtype == c.dtype == np.float16
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    del store, clone, b, c
+    gc.collect()
+    assert not path.exists()  # removed with the owning store

@@ -20,7 +20,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,8 +122,22 @@ def copy_augmented(out: np.ndarray, patch: np.ndarray, rot_k, vflip, hflip) -> N
     out.view(pixel)[..., 0] = augment(patch.view(pixel)[..., 0], rot_k, vflip, hflip)
 
 
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class ResidentStore:
-    """Every scene in memory (`standard`: float32, `float16`: float16)."""
+    """Every scene in memory (`standard`: float32, `float16`: float16).
+
+    Sharing with grain worker processes: the first time the store is pickled, its arrays move
+    into one file on a RAM-backed tmpfs (/dev/shm; the temp dir when that is too small) and
+    are memory-mapped from there, by this process and by every worker: the scenes are in RAM
+    once, not once per worker. The file is removed when this store is garbage-collected or
+    the process exits.
+    """
 
     def __init__(self, scenes, dtype):
         self.dtype = np.dtype(dtype)
@@ -130,6 +146,7 @@ class ResidentStore:
             rgb, hsi = scenes.load(i)
             self.rgb.append(rgb.astype(self.dtype, copy=False))
             self.hsi.append(hsi.astype(self.dtype, copy=False))
+        self.shared_path = None
         nbytes = sum(a.nbytes for a in self.rgb + self.hsi)
         logging.info(
             "data: %d scenes resident as %s (%.1f MB)", len(self.hsi), self.dtype, nbytes / 2**20
@@ -139,6 +156,52 @@ class ResidentStore:
         """Views (rgb [P, P, 3], hsi [P, P, C]) of one patch, in the resident dtype."""
         window = (slice(top, top + size), slice(left, left + size))
         return self.rgb[scene][window], self.hsi[scene][window]
+
+    def __getstate__(self):
+        if self.shared_path is None:
+            self._move_to_shared_file()
+        return {"dtype": self.dtype.str, "path": self.shared_path, "layout": self._layout}
+
+    def __setstate__(self, state):
+        self.dtype = np.dtype(state["dtype"])
+        self.shared_path, self._layout = state["path"], state["layout"]
+        self._map("r")
+
+    def _map(self, mode: str) -> None:
+        mapped = [
+            np.memmap(self.shared_path, self.dtype, mode, offset=offset, shape=tuple(shape))
+            for offset, shape in self._layout
+        ]
+        self.rgb, self.hsi = mapped[: len(mapped) // 2], mapped[len(mapped) // 2 :]
+
+    def _move_to_shared_file(self) -> None:
+        arrays = self.rgb + self.hsi
+        layout, offset = [], 0
+        for array in arrays:
+            layout.append((offset, list(array.shape)))
+            offset += -(-array.nbytes // 4096) * 4096  # page-aligned
+        folders = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+        for folder in folders:
+            handle, path = tempfile.mkstemp(prefix="cswin_scenes_", suffix=".bin", dir=folder)
+            try:
+                with os.fdopen(handle, "wb") as f:
+                    for (start, _), array in zip(layout, arrays, strict=True):
+                        f.seek(start)
+                        array.tofile(f)
+                break
+            except OSError as err:  # ENOSPC: a small /dev/shm (Docker's default is 64 MB)
+                _remove_file(path)
+                logging.warning("data: cannot share scenes through %s (%s)", folder, err)
+        else:
+            raise OSError(
+                f"no room to share {offset / 2**30:.1f} GB of resident scenes with data workers "
+                f"in {folders}; enlarge /dev/shm, set data.num_workers=0, or use "
+                "data.memory_mode='lazy'"
+            )
+        weakref.finalize(self, _remove_file, path)  # also runs at interpreter exit
+        self.shared_path, self._layout = path, layout
+        self._map("r")
+        logging.info("data: resident scenes shared with workers through %s", path)
 
 
 class LazyStore:
