@@ -9,52 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from stand_in_models import BANDS, conv_model, pointwise_model
 
 from cswin_jax import inference
-
-BANDS = 31
-
-
-def _pointwise_model(seed=0):
-    rng = np.random.default_rng(seed)
-    matrix = jnp.asarray(rng.uniform(0.1, 1.0, (3, BANDS)).astype(np.float32))
-    bias = jnp.asarray(rng.uniform(0.1, 0.5, (BANDS,)).astype(np.float32))
-
-    def apply_fn(rgb):
-        return rgb @ matrix + bias
-
-    return apply_fn
-
-
-def _conv_model(seed=1, symmetric=False):
-    rng = np.random.default_rng(seed)
-    kernel = rng.normal(size=(5, 5, 3, BANDS)).astype(np.float32) / 5.0
-    if symmetric:  # average over the 8 flips/rotations -> a D4-equivariant convolution
-        views = [np.rot90(np.flip(kernel, 1) if f else kernel, k) for f in (0, 1) for k in range(4)]
-        kernel = np.mean(views, axis=0).astype(np.float32)
-    kernel = jnp.asarray(kernel)
-
-    def apply_fn(rgb):
-        return jax.lax.conv_general_dilated(
-            rgb, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-
-    return apply_fn
 
 
 @pytest.fixture(scope="module")
 def pointwise():
-    return _pointwise_model()
+    return pointwise_model()
 
 
 @pytest.fixture(scope="module")
 def conv():
-    return _conv_model()
+    return conv_model()
 
 
 @pytest.fixture(scope="module")
 def symmetric_conv():
-    return _conv_model(seed=2, symmetric=True)
+    return conv_model(seed=2, symmetric=True)
 
 
 def _rgb(height, width, seed=0):
