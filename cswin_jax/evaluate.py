@@ -273,11 +273,18 @@ def evaluate_checkpoint(
     """
     import ml_collections
 
-    from cswin_jax.data import pipeline
+    from cswin_jax.data import arad, pipeline
     from cswin_jax.predict import ensure_writable_dir
 
+    if not pathlib.Path(checkpoint_dir).exists():  # before the default output is made in it
+        raise FileNotFoundError(
+            f"checkpoint folder {checkpoint_dir} does not exist; pass a training workdir, its "
+            "checkpoints/ folder, or a folder written by `python -m cswin_jax.convert`"
+        )
     output = pathlib.Path(output_dir or pathlib.Path(checkpoint_dir) / f"eval_{split}")
     ensure_writable_dir(output)
+    if data_source == "arad":  # fail before the (slow) model restore
+        arad.check_layout(data_dir)
     apply_fn, config_dict = inference.load_generator(checkpoint_dir, use_ema=use_ema, step=step)
     config = ml_collections.ConfigDict(config_dict)
     with config.unlocked():
@@ -286,8 +293,6 @@ def evaluate_checkpoint(
     if data_source == "tfds":
         data_root = pipeline.resolve_data_root(config, output)
     else:
-        from cswin_jax.data import arad
-
         data_root = arad.check_layout(data_dir)
     scenes = pipeline.open_scenes(config, data_root, split, require_cubes=False)
     evaluation = config.get("eval", ml_collections.ConfigDict())
