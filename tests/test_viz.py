@@ -1,0 +1,118 @@
+"""Figures: sRGB rendering through CIE 1931 / D65, per-pixel error maps consistent with the
+metrics, worst-pixel selection, every figure type written as a non-empty PNG, and the CLI."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from stand_in_models import BANDS
+
+from cswin_jax import metrics, predict, viz
+
+
+def _cube(height=24, width=32, seed=0):
+    return np.random.default_rng(seed).uniform(0.05, 1.0, (height, width, BANDS)).astype(np.float32)
+
+
+def test_srgb_of_reference_spectra():
+    """A perfect white reflector renders white (D65 is sRGB's white point; 1e-2 for the
+    10 nm sampling of the CMFs), black renders black, a flat grey is neutral, and narrow
+    bands land in the right channel."""
+    white = viz.hsi_to_srgb(np.ones((1, 1, BANDS)), exposure=1.0)[0, 0]
+    np.testing.assert_allclose(white, 1.0, atol=1e-2)
+    np.testing.assert_array_equal(viz.hsi_to_srgb(np.zeros((1, 1, BANDS)), exposure=1.0), 0.0)
+    grey = viz.hsi_to_srgb(np.full((1, 1, BANDS), 0.18), exposure=1.0)[0, 0]
+    assert np.ptp(grey) < 1e-2 and 0.4 < grey.mean() < 0.5  # sRGB encoding of Y = 0.18
+    for nm, channel in ((450, 2), (540, 1), (640, 0)):
+        spectrum = np.zeros((1, 1, BANDS))
+        spectrum[..., (nm - 400) // 10] = 1.0
+        colour = viz.hsi_to_srgb(spectrum, exposure=3.0)[0, 0]
+        assert np.argmax(colour) == channel, (nm, colour)
+
+
+def test_srgb_range_and_auto_exposure():
+    cube = _cube() * 3.0
+    srgb = viz.hsi_to_srgb(cube)
+    assert srgb.shape == (24, 32, 3) and srgb.dtype == np.float32
+    assert srgb.min() >= 0.0 and srgb.max() <= 1.0 and np.isfinite(srgb).all()
+    with pytest.raises(ValueError, match="expected 31 bands"):
+        viz.hsi_to_srgb(np.ones((2, 2, 30)))
+
+
+def test_error_maps_agree_with_metrics():
+    """Means of the per-pixel maps equal the global metrics (all pixels have 31 bands):
+    MRAE to 1e-5 relative, SAM to 1e-3 degrees (float32 acos rounding near 0)."""
+    truth = _cube(seed=1)
+    pred = truth * np.random.default_rng(2).uniform(0.8, 1.2, truth.shape).astype(np.float32)
+    assert viz.mrae_map(pred, truth).mean() == pytest.approx(float(metrics.mrae(pred, truth)), 1e-5)
+    assert viz.sam_map(pred, truth).mean() == pytest.approx(
+        float(metrics.sam(pred, truth)), abs=1e-3
+    )
+    np.testing.assert_allclose(viz.sam_map(truth, truth), 0.0, atol=0.05)
+
+
+def test_worst_pixels_finds_planted_errors():
+    truth = _cube(64, 64, seed=3)
+    pred = truth.copy()
+    pred[10, 50] *= 3.0
+    pred[40, 5] *= 2.0
+    chosen = viz.worst_pixels(pred, truth, count=2)
+    assert chosen[:2] == [(10, 50), (40, 5)] and len(chosen) == 3
+    inside = viz.worst_pixels(pred, truth, count=1, crop=(30, 0, 64, 64))
+    assert inside[0] == (40, 5)
+
+
+def _check_png(path):
+    assert path.is_file() and path.stat().st_size > 5000
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_scene_figures(tmp_path):
+    truth = _cube(48, 64, seed=4)
+    pred = truth + np.random.default_rng(5).normal(0, 0.05, truth.shape).astype(np.float32)
+    rgb = np.random.default_rng(6).uniform(0, 1, (48, 64, 3)).astype(np.float32)
+    written = viz.write_scene_figures(tmp_path, "scene", pred, truth, rgb, crop=(8, 8, 40, 56))
+    names = [p.name for p in written]
+    assert names == [
+        "scene_comparison.png",
+        "scene_error_maps.png",
+        "scene_band_errors.png",
+        "scene_spectra.png",
+    ]
+    for path in written:
+        _check_png(path)
+    unscored = viz.write_scene_figures(tmp_path, "rgb_only", pred)
+    assert [p.name for p in unscored] == ["rgb_only_comparison.png", "rgb_only_spectra.png"]
+    with pytest.raises(ValueError, match="outside the 48x64 image"):
+        viz.plot_spectra(tmp_path / "x.png", pred, truth, pixels=[(48, 0)])
+    with pytest.raises(ValueError, match="differ in shape"):
+        viz.write_scene_figures(tmp_path, "bad", pred, truth[:-1])
+
+
+def test_metric_histograms(tmp_path):
+    rng = np.random.default_rng(7)
+    per_scene = {"mrae": rng.gamma(2, 0.05, 20), "psnr": rng.normal(33, 2, 20), "sam": []}
+    _check_png(viz.plot_metric_histograms(tmp_path / "hist.png", per_scene))
+    with pytest.raises(ValueError, match="no per-scene metric values"):
+        viz.plot_metric_histograms(tmp_path / "none.png", {"mrae": []})
+
+
+def test_cli(tmp_path):
+    truth = _cube(40, 50, seed=8)
+    predict.write_cube(tmp_path / "pred.npy", truth * 1.1)
+    predict.write_cube(tmp_path / "truth.mat", truth)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8) + 90).save(tmp_path / "rgb.png")
+    (tmp_path / "metrics.csv").write_text(
+        "stem,has_ground_truth,mrae,psnr\na,True,0.1,30\nb,True,0.2,31\nc,False,,\n"
+    )
+    written = viz.main(
+        ["--pred", str(tmp_path / "pred.npy"), "--gt", str(tmp_path / "truth.mat"),
+         "--rgb", str(tmp_path / "rgb.png"), "--metrics_csv", str(tmp_path / "metrics.csv"),
+         "--output", str(tmp_path / "figs"), "--pixels", "3,4;20,30"]
+    )  # fmt: skip
+    assert len(written) == 5 and all(p.stat().st_size > 0 for p in written)
+    assert viz.read_metrics_csv(tmp_path / "metrics.csv") == {"mrae": [0.1, 0.2], "psnr": [30, 31]}
+    with pytest.raises(SystemExit):
+        viz.main(["--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        viz.main(["--pred", str(tmp_path / "pred.npy"), "--pixels", "3;4"])
