@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
+from cswin_jax.data import arad
+
 MEMORY_MODES = ("standard", "float16", "lazy")
 
 
@@ -238,12 +240,10 @@ class LazyStore:
 
     def scene_patches(self, scene: int, top: int, left: int, size: int):
         """(rgb [P, P, 3] view, hsi [P, P, C] read from disk), float32."""
-        from cswin_jax.data.arad import check_finite  # noqa: PLC0415
-
         opened = self._open(scene)
         hsi = opened.read_hsi_window(top, left, size, size)
         # Eager modes check whole cubes at load; here each window is checked as it is read.
-        check_finite(hsi, f"{self.scenes.stems[scene]} (lazy window at {top},{left})")
+        arad.check_finite(hsi, f"{self.scenes.stems[scene]} (lazy window at {top},{left})")
         return opened.rgb[top : top + size, left : left + size], np.ascontiguousarray(hsi)
 
 
