@@ -102,10 +102,16 @@ def _runner(apply_fn: ApplyFn, ensemble: bool) -> ApplyFn:
         return apply_fn.runner(ensemble)
     try:
         cache = _PLAIN_RUNNERS.setdefault(apply_fn, {})
+        # The cached runner must not hold apply_fn strongly, or the weak key never dies.
+        fn_ref = weakref.ref(apply_fn)
     except TypeError:  # not weak-referenceable (e.g. a builtin): no caching
         cache = {}
+
+        def fn_ref():
+            return apply_fn
+
     if ensemble not in cache:
-        cache[ensemble] = jax.jit(lambda rgb: _maybe_ensemble(apply_fn, rgb, ensemble))
+        cache[ensemble] = jax.jit(lambda rgb: _maybe_ensemble(fn_ref(), rgb, ensemble))
     return cache[ensemble]
 
 
