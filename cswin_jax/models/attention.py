@@ -117,7 +117,8 @@ def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: 
     logits = jnp.einsum("nhid,nhjd->nhij", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
-    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    # The max shift cancels in the softmax; no gradient through it.
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     out = jnp.einsum(
         "nhij,nhjd->nhid", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
@@ -248,7 +249,10 @@ class CSWinStripeAttention(nn.Module):
         branches = ((True, slice(0, half), "get_v_v"), (False, slice(half, None), "get_v_h"))
         for vertical, part, name in branches:
             qw, kw, vw = (stripes(t[..., part], vertical) for t in (q, k, v))
-            mask = stripes(jnp.asarray(valid, jnp.float32)[None, :, :, None], vertical)
+            mask = jnp.broadcast_to(
+                jnp.asarray(valid, jnp.float32)[None, :, :, None], (batch, hp, wp, 1)
+            )
+            mask = stripes(mask, vertical)
             num_win, rows, cols, _ = qw.shape
             seq = (num_win, rows * cols, half_heads, head_dim)
             key_mask = mask[..., 0].reshape(num_win, 1, 1, rows * cols)
