@@ -98,13 +98,20 @@ class LePE(nn.Module):
 def window_cyclic_bias(table_line: Array, length: int, split_size: int) -> Array:
     """bias[head, i, j] = table_line[(i mod s) - (j mod s) + s - 1, head].
 
-    table_line: [2s - 1, heads] (the centre row or column of a relative-position table).
-    Returns [heads, length, length] float32. Periodic in both axes with period s: the original
-    tiles one s x s block over the whole padded row/column.
+    table_line: [2s - 1, heads] (the centre row or column of a relative-position table);
+    `length` must be a multiple of s. Returns [heads, length, length] float32: one s x s block
+    tiled over the padded row/column (periodic in both axes, as the original builds it). The
+    gather touches only s*s entries; the tiling is a broadcast, which XLA fuses cheaply into the
+    logits (a full-size gather there was the slowest part of the attention on CPU).
     """
-    pos = np.arange(length) % split_size
+    pos = np.arange(split_size)
     index = pos[:, None] - pos[None, :] + split_size - 1
-    return jnp.transpose(table_line.astype(jnp.float32)[index], (2, 0, 1))
+    block = jnp.transpose(table_line.astype(jnp.float32)[index], (2, 0, 1))  # [heads, s, s]
+    heads, reps = block.shape[0], length // split_size
+    tiled = jnp.broadcast_to(
+        block[:, None, :, None, :], (heads, reps, split_size, reps, split_size)
+    )
+    return tiled.reshape(heads, length, length)
 
 
 def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: float) -> Array:
