@@ -30,9 +30,11 @@ from cswin_jax.models.layers import (
 Array = jax.Array
 Dtype = Any
 
-# Attention over more than this many logits at once is split into sequential chunks so that a
-# full 482x512 frame does not materialise ~2 GB of logits per branch.
-_MAX_LOGITS_PER_CHUNK = 1 << 24
+# Attention over more than this many logits at once runs in sequential chunks of rows/columns:
+# this bounds memory (a full 482x512 frame would otherwise materialise ~2 GB of logits per
+# branch) and keeps each chunk's logits in cache; 4M float32 logits (16 MB) measured fastest on
+# XLA CPU (2x faster than 64 MB chunks at full frames, no change at 128x128).
+_MAX_LOGITS_PER_CHUNK = 1 << 22
 
 
 class EfficientSpectralAttention(nn.Module):
