@@ -30,10 +30,11 @@ from cswin_jax.models.layers import (
 Array = jax.Array
 Dtype = Any
 
-# Attention over more than this many logits at once runs in sequential chunks of rows/columns:
-# this bounds memory (a full 482x512 frame would otherwise materialise ~2 GB of logits per
-# branch) and keeps each chunk's logits in cache; 4M float32 logits (16 MB) measured fastest on
-# XLA CPU (2x faster than 64 MB chunks at full frames, no change at 128x128).
+# Attention with more than _CHUNK_ABOVE_LOGITS logits runs in sequential chunks of rows/columns
+# of _MAX_LOGITS_PER_CHUNK logits each: this bounds memory (a full 482x512 frame would otherwise
+# materialise ~2 GB of logits per branch) and keeps each chunk in cache. On XLA CPU, 16 MB chunks
+# made full frames 2x faster than 64 MB ones; 128x128 patches (9.4M logits) run unchunked.
+_CHUNK_ABOVE_LOGITS = 1 << 24
 _MAX_LOGITS_PER_CHUNK = 1 << 22
 
 
@@ -139,7 +140,7 @@ def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) 
     sequences when the logits would be large (memory only; numerically identical)."""
     num_seq, heads, length, _ = q.shape
     per_seq = heads * length * length
-    if num_seq * per_seq <= _MAX_LOGITS_PER_CHUNK:
+    if num_seq * per_seq <= _CHUNK_ABOVE_LOGITS:
         return _softmax_attention(q, k, v, bias, scale)
     chunk = max(1, _MAX_LOGITS_PER_CHUNK // per_seq)
 
