@@ -18,7 +18,6 @@ Memory modes (`data.memory_mode`, overridden by env `MST_MEMORY_MODE`):
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import tempfile
 import threading
@@ -258,37 +257,12 @@ def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
     raise ValueError(f"unknown data.memory_mode {memory_mode!r}: use one of {list(MEMORY_MODES)}")
 
 
-_ALLOCATOR_TUNED = False
-
-
-def _keep_batch_memory_mapped() -> None:
-    """Stops glibc from returning each freed batch to the kernel.
-
-    A batch of 20 float32 128 x 128 x 34 patches is 44 MB: above glibc's largest mmap
-    threshold (32 MB), so every batch would be a fresh mmap whose pages fault in (and are
-    zeroed) on first write, a second pass over memory that costs about a quarter of the
-    pipeline's time. Raising the thresholds keeps freed batches in the heap for reuse.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return
-    _ALLOCATOR_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
 def gather_patches(store, grid: PatchGrid, draws: np.ndarray, num_bands: int):
     """Cuts, augments and stacks a batch of patches with one copy per patch.
 
     draws: [B, 4] int (patch index, rot_k, vflip, hflip).
     Returns {'rgb': [B, P, P, 3] float32, 'hsi': [B, P, P, num_bands] float32}.
     """
-    _keep_batch_memory_mapped()
     draws = np.asarray(draws, dtype=np.int64).reshape(-1, 4)
     size = grid.patch_size
     scenes, tops, lefts = grid.locate(draws[:, 0])
