@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.in_channels = 3
     c.model.out_channels = 31
     c.model.base_channels = 64
-    c.model.split_sizes = [7, 7, 7]
+    c.model.split_sizes = (7, 7, 7)
     c.model.norm_groups = 8
     c.model.num_heads = 4
     c.model.output_activation = "none"  # none | sigmoid | tanh | delayed_sigmoid
@@ -114,9 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.discriminator = ml_collections.ConfigDict()
     c.discriminator.base_dim = 64
     c.discriminator.num_heads = 8
-    c.discriminator.num_blocks = [2, 2, 2]
+    c.discriminator.num_blocks = (2, 2, 2)
     c.discriminator.mlp_ratio = 2.0
     c.discriminator.dropout = 0.0
+    c.discriminator.remat = False  # recompute whole discriminator blocks in the backward pass
 
     # --- optimisation -----------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
@@ -137,7 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.lambda_sam = 0.05
     c.loss.lambda_mrae = 0.0
     c.loss.use_adaptive_weights = True
-    c.loss.warmup_iterations = 5000
+    c.loss.warmup_iterations = 5000  # original: loss_warmup_iterations
+    c.loss.adaptive_ramp_iterations = 50000
     c.loss.max_loss_value = 100.0
     c.loss.use_r1 = True  # original: use_r1_regularization
     c.loss.r1_gamma = 10.0
@@ -150,6 +152,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sinkhorn.kernel_clamp = 60.0
     c.sinkhorn.force_fp32 = True
     c.sinkhorn.loss_clip = 5.0
+    # Not in the original: the joint max-|value| rescale is floored at 1.0 (the original's
+    # 1e-6 floor amplified gradients ~100x at init) and OTT stops at this marginal error.
+    c.sinkhorn.rescale_floor = 1.0
+    c.sinkhorn.threshold = 1e-5
 
     # --- validation / evaluation -------------------------------------------------
     c.eval = ml_collections.ConfigDict()

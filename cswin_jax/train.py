@@ -413,7 +413,8 @@ def _batch_sharding(mesh):
 
 def _architecture(config_dict: Mapping) -> dict:
     keys = ("model", "discriminator", "train_discriminator")
-    return {k: config_dict.get(k) for k in keys}
+    # JSON round trip: tuples in the live config come back from the checkpoint as lists.
+    return json.loads(json.dumps({k: config_dict.get(k) for k in keys}))
 
 
 class _StopRequested:
@@ -491,8 +492,6 @@ def train_and_evaluate(
     data_root = pipeline.resolve_data_root(config, workdir or log_dir)
     train_iter = pipeline.create_train_iterator(config, data_root)
     valid_scenes = pipeline.load_split(config, data_root, split="valid")
-    if config.data.max_valid_scenes:
-        valid_scenes = valid_scenes[: config.data.max_valid_scenes]
 
     trainer = Trainer(config)
     rng = jax.random.key(config.seed)

@@ -31,11 +31,11 @@ def tiny_config():
     c.gradient_accumulation_steps = 2
     c.model.base_channels = 8
     c.model.num_heads = 2
-    c.model.split_sizes = [2, 2, 2]
+    c.model.split_sizes = (2, 2, 2)
     c.model.norm_groups = 4
     c.discriminator.base_dim = 8
     c.discriminator.num_heads = 2
-    c.discriminator.num_blocks = [1, 1, 1]
+    c.discriminator.num_blocks = (1, 1, 1)
     c.sinkhorn.max_points = 16
     c.loss.warmup_iterations = 1  # adversarial and SAM weights active from step 1
     c.loss.r1_interval = 2
