@@ -6,6 +6,7 @@ summation order differs); restored weights must equal a direct conversion exactl
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -72,8 +73,13 @@ def test_round_trip_tiny_reproduces_golden_outputs(tiny_converted, golden_dir):
     assert counts == {"generator": 895_236, "discriminator": 115_127}
     gen_params, disc_vars, config_dict = checkpoint.restore_model_variables(out)
     restored = ml_collections.ConfigDict(config_dict)
-    assert restored.model.to_dict() == config.model.to_dict()
-    assert restored.discriminator.to_dict() == config.discriminator.to_dict()
+
+    # The checkpoint's config is JSON: tuples come back as lists.
+    def as_json(d):
+        return json.loads(json.dumps(d))
+
+    assert as_json(restored.model.to_dict()) == as_json(config.model.to_dict())
+    assert as_json(restored.discriminator.to_dict()) == as_json(config.discriminator.to_dict())
 
     gen = gen_lib.build_generator(restored.model)
     zg = np.load(golden_dir / "generator_tiny.npz")

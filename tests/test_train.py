@@ -166,8 +166,9 @@ def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
 
 def test_lr_schedule_warmup_and_floor():
     sched = train.lr_schedule(2e-4, warmup=2000, horizon=10_000, end_lr=1e-6)
-    np.testing.assert_allclose(sched(0), 2e-4 * 2 / 2001, rtol=1e-6)
-    np.testing.assert_allclose(sched(2000), 2e-4, rtol=1e-6)
+    # float32 schedule arithmetic: rtol 1e-5.
+    np.testing.assert_allclose(sched(0), 2e-4 * 2 / 2001, rtol=1e-5)
+    np.testing.assert_allclose(sched(2000), 2e-4, rtol=1e-5)
     np.testing.assert_allclose(sched(10_000), 1e-6, rtol=1e-4)
     np.testing.assert_allclose(sched(50_000), 1e-6, rtol=1e-4)  # horizon clipped
 
