@@ -21,8 +21,12 @@ def _weights():
 
 def test_weights_only_round_trip(tmp_path):
     gen, disc = _weights()
-    ckpt_lib.save_model_checkpoint(tmp_path / "w", generator_params=gen,
-                                   discriminator_variables=disc, config={"model": {"a": 1}})
+    ckpt_lib.save_model_checkpoint(
+        tmp_path / "w",
+        generator_params=gen,
+        discriminator_variables=disc,
+        config={"model": {"a": 1}},
+    )
     gen2, disc2, config = ckpt_lib.restore_model_variables(tmp_path / "w")
     np.testing.assert_array_equal(gen2["conv"]["kernel"], gen["conv"]["kernel"])
     np.testing.assert_array_equal(disc2["spectral_norm"]["conv"]["u"], 0.5)

@@ -1,5 +1,7 @@
 """Tests for cswin_jax/train.py: the sharded GAN step, skipping, resume, multi-process."""
 
+import ctypes
+import gc
 import json
 import os
 import pathlib
@@ -21,20 +23,39 @@ from cswin_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Whole training steps: compiled and run under the test suite's XLA CPU flags
-# (--xla_backend_optimization_level=0) one GAN step takes many minutes on 2 cores, so these
-# run with `pytest -m slow` (or on a GPU), not in the default suite.
+
+# Tests marked SLOW compile whole training steps: 1-4 minutes each on 2 CPU cores, mostly XLA
+# compile time, and a few GB of memory each. The README's test command runs them after the
+# rest, in one process (`pytest -m slow`), so that two such compiles never overlap; they
+# share `one_device_run`. `-m 'not slow'` skips them for a quick check.
 SLOW = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Frees compiled executables after each test and returns the freed heap to the OS, so
+    the next compile starts from a small process (the persistent cache reloads programs)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def tiny_config():
-    """The quickstart recipe shrunk to test size (widths 8/16/32, 16x16 patches)."""
+    """The quickstart recipe shrunk to test size (widths 16/32/64, 16x16 patches)."""
     c = quickstart.get_config()
     c.data.patch_size = 16
     c.data.stride = 8
     c.batch_size = 8
     c.gradient_accumulation_steps = 2
-    c.model.base_channels = 8
+    # Not 8: EfficientSpectralAttention normalises q and k with GroupNorm(8), so 8 channels
+    # give one channel per group, whose spatial mean is exactly 0; the attention then
+    # normalises rounding noise, and 1- and 8-device runs differ by O(1) (the original's
+    # arithmetic, ill-conditioned only at this toy width).
+    c.model.base_channels = 16
     c.model.num_heads = 2
     c.model.split_sizes = (2, 2, 2)
     c.model.norm_groups = 4
@@ -138,10 +159,22 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
         jax.tree.leaves(state.gen_params), jax.tree.leaves(ref_state.gen_params), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
-    for a, b in zip(
-        jax.tree.leaves(state.disc_params), jax.tree.leaves(ref_state.disc_params), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    # The discriminator's output bias is the exception. The Sinkhorn divergence with the
+    # squared-Euclidean cost does not change when real and fake move together, so its
+    # gradient is zero up to rounding (only the joint rescale and the clamp break the
+    # symmetry). Adam divides that rounding noise by its own root-mean-square, turning it into
+    # a step of up to lr_d. That leaf is therefore compared to within two such steps.
+    lr_d = tiny_trainer.config.optim.discriminator_lr
+    disc = jax.tree_util.tree_flatten_with_path(state.disc_params)[0]
+    for (path, a), b in zip(disc, jax.tree.leaves(ref_state.disc_params), strict=True):
+        name = jax.tree_util.keystr(path)
+        atol = 2 * lr_d if name == "['output_proj_2']['bias']" else 2e-6
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
+    # Quantities before Adam's normalisation agree to float32 rounding.
+    # (disc_loss is a difference of Sinkhorn terms of nearly equal clouds, -3.6e-5 here: its
+    # rounding is absolute, at the terms' scale, hence the atol.)
+    for key in ("gen_loss", "disc_loss", "gen_grad_norm", "disc_grad_norm", "r1"):
+        np.testing.assert_allclose(m[key], ref_history[1][key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @SLOW
@@ -216,7 +249,7 @@ def test_resume_is_bit_identical(tmp_path):
 
     # A workdir holding another architecture is refused, naming the fix.
     other = tiny_config()
-    other.model.base_channels = 16
+    other.model.base_channels = 32
     with pytest.raises(ValueError, match="init_from"):
         train.train_and_evaluate(other, str(tmp_path / "full"))
 
