@@ -39,7 +39,8 @@ Mapping from the original flat keys (config.yaml / code defaults) to this tree:
                                     mlp_ratio / dropout
 
 Paths default from the environment: HSI_DATA_DIR (./data/ARAD_1K), HSI_LOG_DIR
-(./artifacts/logs), HSI_CKPT_DIR (./artifacts/checkpoints).
+(./artifacts/logs), HSI_CKPT_DIR (./artifacts/checkpoints); the compilation cache from
+JAX_COMPILATION_CACHE_DIR (~/.cache/cswin_jax/xla).
 """
 
 import os
@@ -67,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- paths, logging, checkpoints --------------------------------------------
     c.log_dir = os.environ.get("HSI_LOG_DIR", "./artifacts/logs")
     c.checkpoint_dir = os.environ.get("HSI_CKPT_DIR", "./artifacts/checkpoints")
+    # Persistent XLA compilation cache: a restarted or resumed run loads its compiled step
+    # instead of recompiling (minutes on CPU). "" disables it.
+    c.compilation_cache_dir = os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join("~", ".cache", "cswin_jax", "xla")
+    )
     c.checkpoint_every = 5000
     c.checkpoint_keep = 5
     c.log_every = 20

@@ -23,6 +23,10 @@ def get_config(arg: str | None = None):
     config.iterations_per_epoch = 50
     config.checkpoint_every = 100
     config.log_every = 10
+    # Validation and the best model use the EMA weights. At the recipes' 0.999 they would still
+    # be ~75 % the initial weights after 300 steps (validation PSNR 6.6 dB where the raw weights
+    # reach 21-26 dB); 0.9 averages over the last ~10 steps.
+    config.ema_decay = 0.9
     config.model.base_channels = 16
     config.model.num_heads = 2
     config.model.split_sizes = (4, 4, 4)

@@ -54,11 +54,22 @@ def _maybe_initialize_distributed() -> None:
     )
 
 
+def _enable_compilation_cache(path: str) -> None:
+    """XLA's persistent compilation cache in `path` (config.compilation_cache_dir; "" = off)."""
+    if not path:
+        return
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/gan.py")
+    _enable_compilation_cache(_CONFIG.value.compilation_cache_dir)
     _maybe_initialize_distributed()
     from cswin_jax import train  # noqa: PLC0415 - after distributed start-up
 
