@@ -3,7 +3,7 @@
   python -m cswin_jax.main --config=configs/gan.py --workdir=DIR [--config.batch_size=8 ...]
 
 This file is intentionally kept short: flags, multi-host start-up, then one call into
-`train.train_and_evaluate`.
+`loop.train_and_evaluate`.
 """
 
 import os
@@ -71,9 +71,9 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/gan.py")
     _enable_compilation_cache(_CONFIG.value.compilation_cache_dir)
     _maybe_initialize_distributed()
-    from cswin_jax import train  # noqa: PLC0415 - after distributed start-up
+    from cswin_jax import loop  # noqa: PLC0415 - after distributed start-up
 
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

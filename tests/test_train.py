@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import quickstart
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import train
+from cswin_jax import loop, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -233,11 +233,11 @@ def test_resume_is_bit_identical(tmp_path):
     """A run interrupted at step 2 and resumed ends at step 4 with the same bits as an
     uninterrupted run (same batches, same RNG, same optimizer state)."""
     config = tiny_config()
-    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    full = loop.train_and_evaluate(config, str(tmp_path / "full"))
     assert int(full.step) == 4
-    part = train.train_and_evaluate(config, str(tmp_path / "part"), stop_after=2)
+    part = loop.train_and_evaluate(config, str(tmp_path / "part"), stop_after=2)
     assert int(part.step) == 2
-    resumed = train.train_and_evaluate(config, str(tmp_path / "part"))
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "part"))
     assert int(resumed.step) == 4
     for a, b in zip(
         jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed)), strict=True
@@ -251,7 +251,7 @@ def test_resume_is_bit_identical(tmp_path):
     other = tiny_config()
     other.model.base_channels = 32
     with pytest.raises(ValueError, match="init_from"):
-        train.train_and_evaluate(other, str(tmp_path / "full"))
+        loop.train_and_evaluate(other, str(tmp_path / "full"))
 
 
 @SLOW
@@ -259,7 +259,7 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
     config = tiny_config()
     config.checkpoint_every = 100
     calls = {"n": 0}
-    original = train._stack_micro_batches
+    original = loop._stack_micro_batches
 
     def stack_and_signal(iterator, n):
         calls["n"] += 1
@@ -267,8 +267,8 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(iterator, n)
 
-    monkeypatch.setattr(train, "_stack_micro_batches", stack_and_signal)
-    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    monkeypatch.setattr(loop, "_stack_micro_batches", stack_and_signal)
+    state = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 2
     steps = sorted(
         int(p.name)

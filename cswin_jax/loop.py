@@ -1,0 +1,265 @@
+"""The training loop: `train_and_evaluate`, around the pure step of `cswin_jax.train`.
+
+Host-side work only: the mesh and shardings, the grain input iterator, Orbax checkpoints
+(automatic resume, best model, SIGTERM/SIGINT save), validation on the EMA weights, metric
+writers and the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cswin_jax import checkpoint as ckpt_lib
+from cswin_jax import metrics, sharding
+from cswin_jax.data import pipeline
+from cswin_jax.train import Trainer, TrainState, total_steps, validate_config
+
+
+def _state_shardings(state_shape: TrainState, mesh) -> TrainState:
+    repl = sharding.replicated(mesh)
+    return jax.tree.map(lambda _: repl, state_shape)
+
+
+def _batch_sharding(mesh):
+    # [A, B, P, P, C]: the batch axis B is split over the devices.
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def _architecture(config_dict: Mapping) -> dict:
+    keys = ("model", "discriminator", "train_discriminator")
+    # JSON round trip: tuples in the live config come back from the checkpoint as lists.
+    return json.loads(json.dumps({k: config_dict.get(k) for k in keys}))
+
+
+class _StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received signal %d: saving a checkpoint, then exiting", signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stack_micro_batches(iterator, n: int) -> dict[str, np.ndarray]:
+    parts = [next(iterator) for _ in range(n)]
+    return {k: np.stack([p[k] for p in parts]) for k in ("rgb", "hsi")}
+
+
+def evaluate_scenes(
+    predict_fn: Callable, params, scenes, *, clamp_predictions: bool = False
+) -> dict[str, float]:
+    """Mean centre-crop metrics over `scenes` (iterable of (stem, rgb, hsi))."""
+    rows = []
+    for _, rgb, hsi in scenes:
+        if hsi is None:
+            continue
+        pred = np.asarray(predict_fn(params, jnp.asarray(rgb)[None]))[0]
+        m = metrics.center_crop_metrics(pred, hsi, clamp_predictions=clamp_predictions)
+        rows.append({k: float(v) for k, v in m.items()})
+    if not rows:
+        raise ValueError("validation split has no scene with ground truth")
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | None, *, stop_after: int | None = None
+) -> TrainState:
+    """Trains (resuming from the newest checkpoint), validates and checkpoints.
+
+    Args:
+      config: a config from `configs/`.
+      workdir: run folder for TensorBoard events and checkpoints; when None, events go to
+        `config.log_dir` and checkpoints to `config.checkpoint_dir`.
+      stop_after: leave (with a checkpoint) after this many steps of this invocation, as a
+        preempted job would; the next call resumes.
+    Returns:
+      The final TrainState.
+    """
+    from cswin_jax import metric_writers  # noqa: PLC0415
+
+    mesh = sharding.make_mesh()
+    validate_config(config, mesh.size)
+    log_dir = pathlib.Path(workdir) if workdir else pathlib.Path(config.log_dir)
+    ckpt_root = (
+        pathlib.Path(workdir) / "checkpoints" if workdir else pathlib.Path(config.checkpoint_dir)
+    )
+    is_chief = jax.process_index() == 0
+    writer = metric_writers.MetricWriter(log_dir, config, enabled=is_chief)
+    config_dict = config.to_dict()
+
+    data_root = pipeline.resolve_data_root(config, workdir or log_dir)
+    train_iter = pipeline.create_train_iterator(config, data_root)
+    valid_scenes = pipeline.load_split(config, data_root, split="valid")
+
+    trainer = Trainer(config)
+    rng = jax.random.key(config.seed)
+    state_shape = jax.eval_shape(trainer.init_state, rng)
+    state_sharding = _state_shardings(state_shape, mesh)
+    init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
+
+    checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved = checkpointer.restore_config(latest) or {}
+        if _architecture(saved) != _architecture(config_dict):
+            raise ValueError(
+                f"{ckpt_root} holds a checkpoint of another architecture "
+                f"({json.dumps(_architecture(saved))}); use a new --workdir, or start from its "
+                "weights with --config.init_from=PATH"
+            )
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            state_shape,
+            state_sharding,
+        )
+        state, restored_step = checkpointer.restore(abstract, train_iter)
+        logging.info("resumed from %s at step %d", ckpt_root, int(state.step))
+    else:
+        state = init_fn(rng)
+        if config.init_from:
+            state = _load_initial_weights(state, config.init_from, state_sharding)
+    best_mrae = checkpointer.best_metric()
+    best_mrae = math.inf if best_mrae is None else best_mrae
+
+    batch_sharding = _batch_sharding(mesh)
+    step_fn = trainer.make_train_step(
+        state_sharding, batch_sharding, sharding.replicated(mesh), donate=True
+    )
+    predict_fn = jax.jit(trainer.predict)
+
+    n_steps = total_steps(config)
+    start = int(state.step)
+    accum = config.gradient_accumulation_steps
+    patches_per_step = config.batch_size * accum
+    history: list[dict] = []
+    t0 = time.time()
+    progress = metric_writers.Progress(n_steps, start)
+    with _StopRequested() as stop:
+        step = start
+        while step < n_steps:
+            host_batch = _stack_micro_batches(train_iter, accum)
+            batch = {
+                k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in host_batch.items()
+            }
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            history.append(step_metrics)
+            if step % config.log_every == 0 or step == n_steps:
+                fetched = jax.device_get(history)
+                history = []
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                elapsed = time.time() - t0
+                summary["patches_per_second"] = patches_per_step * len(fetched) / max(elapsed, 1e-9)
+                t0 = time.time()
+                writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                progress.update(step, summary)
+                peak = int(jax.device_get(state.nonfinite_peak))
+                if peak >= config.max_consecutive_nonfinite:
+                    checkpointer.wait()
+                    raise FloatingPointError(
+                        f"{peak} consecutive training steps had non-finite losses or gradients "
+                        f"(limit max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
+                        f"the last good state is in {ckpt_root}. Lower the learning rates or "
+                        "check the data for NaN/Inf."
+                    )
+            if step % config.iterations_per_epoch == 0 or step == n_steps:
+                val = evaluate_scenes(
+                    predict_fn,
+                    state.ema_params,
+                    valid_scenes,
+                    clamp_predictions=config.eval.clamp_predictions,
+                )
+                writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+                logging.info(
+                    "step %d validation (EMA weights): %s",
+                    step,
+                    " ".join(f"{k}={v:.5g}" for k, v in val.items()),
+                )
+                if val["mrae"] < best_mrae:
+                    best_mrae = val["mrae"]
+                    checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+            preempted = stop.signum is not None or (
+                stop_after is not None and step - start >= stop_after
+            )
+            if step % config.checkpoint_every == 0 or step == n_steps or preempted:
+                checkpointer.save(step, state, config_dict, train_iter, force=True)
+            if preempted:
+                break
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    progress.close()
+    return state
+
+
+def _model_weights(state: TrainState) -> dict:
+    weights = {"generator": {"params": state.ema_params}}
+    if state.disc_params is not None:
+        weights["discriminator"] = {
+            "params": state.disc_params,
+            "spectral_norm": state.disc_spectral_norm,
+        }
+    return weights
+
+
+def _load_initial_weights(state: TrainState, path: str, state_sharding) -> TrainState:
+    """`--config.init_from`: weights only (e.g. a converted PyTorch checkpoint)."""
+    gen_params, disc_vars, _ = ckpt_lib.restore_model_variables(path)
+
+    def fit(target, loaded, what):
+        t_struct = jax.tree.structure(target)
+        l_struct = jax.tree.structure(loaded)
+        if t_struct != l_struct:
+            raise ValueError(
+                f"init_from={path}: the {what} weights have another structure than "
+                "this config's model; check config.model / config.discriminator"
+            )
+        for t, l in zip(jax.tree.leaves(target), jax.tree.leaves(loaded), strict=True):
+            if t.shape != np.shape(l):
+                raise ValueError(
+                    f"init_from={path}: {what} weight shape {np.shape(l)} != "
+                    f"{t.shape} expected by this config"
+                )
+        return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
+
+    gen = fit(state.gen_params, gen_params, "generator")
+    state = state.replace(gen_params=gen, ema_params=jax.tree.map(jnp.copy, gen))
+    if disc_vars is not None and state.disc_params is not None:
+        state = state.replace(
+            disc_params=fit(state.disc_params, disc_vars["params"], "discriminator"),
+            disc_spectral_norm=fit(
+                state.disc_spectral_norm, disc_vars["spectral_norm"], "discriminator spectral-norm"
+            ),
+        )
+    logging.info("initialised weights from %s", path)
+    return jax.device_put(state, state_sharding)
