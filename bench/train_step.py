@@ -8,6 +8,7 @@ gradient accumulation 1, 128x128 patches, compiled once per batch size; the firs
 (GPU when present).
 """
 
+import resource
 import statistics
 import time
 
@@ -21,6 +22,10 @@ from cswin_jax import train
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["2", "20"], "batch sizes to time")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per batch size")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv):
@@ -55,7 +60,9 @@ def main(argv):
             f"batch {batch_size:3d} patch {p}: {ms:9.1f} ms/step, "
             f"{batch_size / (ms / 1e3):8.2f} patches/s (first call incl. compile "
             f"{compile_s:.1f} s; "
-            f"mixed_precision={config.mixed_precision}, gen_loss={float(m['gen_loss']):.4f})",
+            f"mixed_precision={config.mixed_precision}, remat={config.model.remat}, "
+            f"peak RSS so far {_peak_rss_gib():.1f} GiB, "
+            f"gen_loss={float(m['gen_loss']):.4f})",
             flush=True,
         )
 

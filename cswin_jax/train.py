@@ -5,9 +5,10 @@ shardings over a `('data',)` mesh: parameters and optimizer states replicated, b
 along the batch axis. One call is one generator optimizer step:
 
 1. Generator: `gradient_accumulation_steps` micro-batches (`batch['rgb']` is
-   `[A, B, P, P, 3]`) are scanned; each runs G, D(real) and D(fake) (D frozen), the combined
-   loss of `losses.generator_loss` and its gradient; the mean gradient is clipped to global
-   norm `optim.grad_clip_norm` and applied with Adam. The EMA of the generator weights follows.
+   `[A, B, P, P, 3]`) are accumulated (a scan on accelerators, unrolled on CPU); each runs G,
+   D(real) and D(fake) (D frozen), the combined loss of `losses.generator_loss` and its
+   gradient; the mean gradient is clipped to global norm `optim.grad_clip_norm` and applied
+   with Adam. The EMA of the generator weights follows.
 2. Discriminator (every `n_critic` generator steps): on the last micro-batch, with the fake
    from step 1 detached, loss `-mean S(real, fake)` plus lazy R1 (every `loss.r1_interval`
    discriminator steps, scaled by the interval), clipped and applied with its own Adam.
@@ -172,6 +173,15 @@ def _finite_update(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
     compiles in linear time (2 s).
     """
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
+def _unrolled_scan(fn, carry, xs, length: int):
+    """`jax.lax.scan(fn, carry, xs)` as straight-line code (no XLA loop)."""
+    outputs = []
+    for i in range(length):
+        carry, out = fn(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+        outputs.append(out)
+    return carry, jax.tree.map(lambda *o: jnp.stack(o), *outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,11 +360,20 @@ class Trainer:
             state.disc_spectral_norm,
             jnp.zeros(batch["hsi"].shape[1:], jnp.float32),  # the last micro-batch's fake
         )
-        # Gradient accumulation as a scan: one copy of the micro-step in the program (an
-        # unrolled loop compiled 1.8x slower on CPU with A = 2, and grows with A).
-        (grad_sum, loss_sum, sn, hsi_pred), terms = jax.lax.scan(
-            micro_step, carry, {"rgb": batch["rgb"], "hsi": batch["hsi"]}
-        )
+        micro_batches = {"rgb": batch["rgb"], "hsi": batch["hsi"]}
+        if n_micro == 1 or jax.default_backend() == "cpu":
+            # Unrolled. XLA CPU runs a convolution inside a loop body ~100x slower than the
+            # same convolution outside one (a 64x64x256 3x3 kernel gradient: 13 s vs 0.12 s):
+            # in a scan, the generator's 3x3 kernel gradients took 74 of the 78 s of a
+            # default-width batch-2 step. Costs compile time (1.8x at A = 2), not run time.
+            (grad_sum, loss_sum, sn, hsi_pred), terms = _unrolled_scan(
+                micro_step, carry, micro_batches, n_micro
+            )
+        else:
+            # One copy of the micro-step in the program, whatever A.
+            (grad_sum, loss_sum, sn, hsi_pred), terms = jax.lax.scan(
+                micro_step, carry, micro_batches
+            )
         terms = jax.tree.map(jnp.mean, terms)
         grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
         gen_loss = loss_sum / n_micro

@@ -83,6 +83,39 @@ def test_depthwise_shifted_macs_equal_grouped_conv():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=RTOL, atol=ATOL)
 
 
+def test_depthwise_hand_written_gradient_equals_grouped_conv_gradient():
+    """`depthwise_conv3x3` has a custom VJP; its input, kernel and bias gradients (and the
+    second derivative that R1 needs) must equal autodiff through XLA's grouped convolution."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 7, 9, 5)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)).astype(np.float32))
+    bias = jnp.asarray(rng.normal(size=(5,)).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=(2, 7, 9, 5)).astype(np.float32))
+
+    def grouped(x, k, b):
+        return b + lax.conv_general_dilated(
+            x,
+            k,
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=5,
+            precision=lax.Precision.HIGHEST,
+        )
+
+    def grads(conv):
+        def loss(x, k, b):
+            return jnp.sum(jnp.tanh(conv(x, k, b)) * weights)
+
+        first = jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
+        # Gradient of a gradient norm (as in R1), differentiated through the custom VJP.
+        second = jax.grad(lambda k: jnp.sum(jax.grad(loss)(x, k, bias) ** 2))(kernel)
+        return (*first, second)
+
+    for ours, ref in zip(grads(depthwise_conv3x3), grads(grouped), strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
 def test_group_norm_matches_pytorch_definition():
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(2, 4, 5, 12)) * 3 + 2).astype(np.float32)
