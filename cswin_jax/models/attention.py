@@ -144,6 +144,9 @@ def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) 
         return _softmax_attention(q, k, v, bias, scale)
     chunk = max(1, _MAX_LOGITS_PER_CHUNK // per_seq)
 
+    # Recomputed in the backward pass: a chunk's logits and weights are rebuilt from its q, k
+    # and v instead of being stored for every chunk, so the gradient's memory is bounded too.
+    @jax.checkpoint
     def one(qkv):
         qi, ki, vi = qkv
         return _softmax_attention(qi[None], ki[None], vi[None], bias, scale)[0]
