@@ -364,8 +364,9 @@ class Trainer:
         if n_micro == 1 or jax.default_backend() == "cpu":
             # Unrolled. XLA CPU runs a convolution inside a loop body ~100x slower than the
             # same convolution outside one (a 64x64x256 3x3 kernel gradient: 13 s vs 0.12 s):
-            # in a scan, the generator's 3x3 kernel gradients took 74 of the 78 s of a
-            # default-width batch-2 step. Costs compile time (1.8x at A = 2), not run time.
+            # in a scan, the generator's convolutions (mostly 3x3 kernel gradients) took 74 s
+            # of op time in a 73 s default-width batch-2 step (16 s unrolled). Costs compile
+            # time (1.8x at A = 2), not run time.
             (grad_sum, loss_sum, sn, hsi_pred), terms = _unrolled_scan(
                 micro_step, carry, micro_batches, n_micro
             )

@@ -84,8 +84,8 @@ def test_depthwise_shifted_macs_equal_grouped_conv():
 
 
 def test_depthwise_hand_written_gradient_equals_grouped_conv_gradient():
-    """`depthwise_conv3x3` has a custom VJP; its input, kernel and bias gradients (and the
-    second derivative that R1 needs) must equal autodiff through XLA's grouped convolution."""
+    """Gradients through the nine shifted multiply-adds (input, kernel, bias, and the second
+    derivative that R1 needs) equal autodiff through XLA's grouped convolution."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 7, 9, 5)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)).astype(np.float32))

@@ -137,59 +137,21 @@ class Pointwise(nn.Module):
         return y
 
 
-def _shifted_taps(padded: Array, taps: Array, height: int, width: int) -> Array:
-    """sum over (dy, dx) of padded[:, dy:dy+H, dx:dx+W, :] * taps[dy, dx] (nine multiply-adds)."""
-    out = None
-    for dy in range(3):
-        for dx in range(3):
-            term = padded[:, dy : dy + height, dx : dx + width, :] * taps[dy, dx]
-            out = term if out is None else out + term
-    return out
-
-
-def _pad1(x: Array) -> Array:
-    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
-@jax.custom_vjp
-def _depthwise_taps(x: Array, taps: Array) -> Array:
-    return _shifted_taps(_pad1(x), taps, x.shape[1], x.shape[2])
-
-
-def _depthwise_taps_fwd(x, taps):
-    return _depthwise_taps(x, taps), (x, taps)
-
-
-def _depthwise_taps_bwd(residuals, g):
-    # Autodiff of the nine slices would pad nine full-size cotangents and add them (a third
-    # of the generator's backward time on CPU). Instead: the input gradient is the same
-    # shifted multiply-add with the kernel flipped, and each tap's gradient is one fused
-    # reduction of g * (shifted x), accumulated in float32.
-    x, taps = residuals
-    height, width = x.shape[1], x.shape[2]
-    dx = _shifted_taps(_pad1(g), taps[::-1, ::-1], height, width)
-    padded = _pad1(x)
-    g32 = g.astype(jnp.float32)
-
-    def tap_grad(dy, dx_):
-        return jnp.sum(g32 * padded[:, dy : dy + height, dx_ : dx_ + width, :], axis=(0, 1, 2))
-
-    dtaps = jnp.stack([jnp.stack([tap_grad(dy, dx_) for dx_ in range(3)]) for dy in range(3)])
-    return dx.astype(x.dtype), dtaps.astype(taps.dtype)
-
-
-_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
-
-
 def depthwise_conv3x3(x: Array, kernel: Array, bias: Array | None = None) -> Array:
     """Depthwise 3x3 convolution, zero padding 1, as nine shifted multiply-adds.
 
     x: [B, H, W, C]; kernel: [3, 3, 1, C] (HWIO with one input channel per group); bias: [C].
     Equals `lax.conv_general_dilated(..., feature_group_count=C)` up to float rounding and is
-    much faster on XLA CPU. Its gradient is hand-written (`_depthwise_taps_bwd`): the same
-    nine-tap form with the kernel flipped, instead of autodiff's nine padded cotangents.
+    much faster on XLA CPU.
     """
-    out = _depthwise_taps(x, kernel.reshape(3, 3, -1))
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = kernel.reshape(3, 3, -1)
+    out = None
+    for dy in range(3):
+        for dx in range(3):
+            term = padded[:, dy : dy + height, dx : dx + width, :] * taps[dy, dx]
+            out = term if out is None else out + term
     if bias is not None:
         out = out + bias
     return out
