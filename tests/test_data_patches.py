@@ -187,3 +187,39 @@ def test_resident_store_shared_once_through_a_file_when_pickled(scenes):
     del store, clone, b, c
     gc.collect()
     assert not path.exists()  # removed with the owning store
+
+
+def test_batch_buffers_reused_only_when_released():
+    pool = patches.BatchBuffers(capacity=2)
+    first = pool.get((2, 4, 4, 3), np.float32)
+    first_id = id(first)
+    view = first[1]
+    assert pool.get((2, 4, 4, 3), np.float32) is not first  # held by `first` and `view`
+    del first
+    assert id(pool.get((2, 4, 4, 3), np.float32)) != first_id  # the view still holds it
+    del view
+    gc.collect()
+    again = pool.get((2, 4, 4, 3), np.float32)
+    assert id(again) == first_id  # released: the same memory comes back
+    assert pool.get((2, 4, 4, 3), np.float64).dtype == np.float64  # keyed on dtype too
+    # Over capacity: a one-off array, never handed out twice while held.
+    held = [pool.get((3,), np.float32) for _ in range(4)]
+    assert len({id(a) for a in held}) == 4
+    assert pickle.loads(pickle.dumps(pool))._pool == {}  # a worker's copy starts empty
+
+
+def test_gather_into_reused_buffers_equals_fresh(scenes):
+    grid = patches.PatchGrid(scenes.sizes, P, S)
+    store = patches.make_store(scenes, "standard")
+    pool = patches.BatchBuffers()
+    draws = _all_draws(grid)[:40]
+    kept = patches.gather_patches(store, grid, draws[:20], 31, buffers=pool)
+    kept_hsi = kept["hsi"].copy()
+    for start in (20, 0, 20):  # later batches must not overwrite the one still held
+        batch = patches.gather_patches(store, grid, draws[start : start + 20], 31, buffers=pool)
+        fresh = patches.gather_patches(store, grid, draws[start : start + 20], 31)
+        for key in ("rgb", "hsi"):
+            np.testing.assert_array_equal(batch[key], fresh[key])
+        assert batch["hsi"] is not kept["hsi"]
+        del batch
+    np.testing.assert_array_equal(kept["hsi"], kept_hsi)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -257,18 +258,63 @@ def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
     raise ValueError(f"unknown data.memory_mode {memory_mode!r}: use one of {list(MEMORY_MODES)}")
 
 
-def gather_patches(store, grid: PatchGrid, draws: np.ndarray, num_bands: int):
+class BatchBuffers:
+    """Output arrays for `gather_patches`, reused once nothing outside the pool holds them.
+
+    A fresh batch array is new memory on every batch, and the first write to a new page costs
+    far more than the copy itself: on the 2-core machine this project is tested on, filling a
+    fresh 20 x 128 x 128 x 31 float32 batch took 600-650 us per patch (2.4 ms without
+    transparent huge pages) against 80-170 us into memory already touched.
+
+    A buffer is handed out again only when the pool holds the last reference to it
+    (`sys.getrefcount`): while a consumer, a queue or any view (`batch[i]`, a zero-copy device
+    array) still refers to it, it is left alone, so reuse can never overwrite a batch in use.
+    When every pooled buffer of a shape is busy, a new one is made (pooled up to `capacity`
+    per shape, then one-off). Thread-safe; a pickled copy (a grain worker) starts empty.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._pool: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"])
+
+    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array of `shape`/`dtype` that nobody else references."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            buffers = self._pool.setdefault(key, [])
+            for i in range(len(buffers)):
+                # References: the pool's list slot and getrefcount's argument.
+                if sys.getrefcount(buffers[i]) == 2:
+                    return buffers[i]
+            array = np.empty(shape, dtype)
+            if len(buffers) < self.capacity:
+                buffers.append(array)
+            return array
+
+
+def gather_patches(
+    store, grid: PatchGrid, draws: np.ndarray, num_bands: int, buffers: BatchBuffers | None = None
+):
     """Cuts, augments and stacks a batch of patches with one copy per patch.
 
-    draws: [B, 4] int (patch index, rot_k, vflip, hflip).
+    draws: [B, 4] int (patch index, rot_k, vflip, hflip). `buffers` (optional) supplies
+    reusable output arrays (see `BatchBuffers`); without it they are allocated fresh.
     Returns {'rgb': [B, P, P, 3] float32, 'hsi': [B, P, P, num_bands] float32}.
     """
     draws = np.asarray(draws, dtype=np.int64).reshape(-1, 4)
     size = grid.patch_size
     scenes, tops, lefts = grid.locate(draws[:, 0])
     batch = len(draws)
-    rgb_out = np.empty((batch, size, size, 3), np.float32)
-    hsi_out = np.empty((batch, size, size, num_bands), np.float32)
+    allocate = np.empty if buffers is None else buffers.get
+    rgb_out = allocate((batch, size, size, 3), np.float32)
+    hsi_out = allocate((batch, size, size, num_bands), np.float32)
     scratch = {}  # float16 mode: copy in the resident dtype, then cast contiguously
     for i in range(batch):
         rgb, hsi = store.scene_patches(int(scenes[i]), int(tops[i]), int(lefts[i]), size)

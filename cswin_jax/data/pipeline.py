@@ -142,9 +142,12 @@ class GatherPatches(grain.transforms.Map):
 
     def __init__(self, store, grid: patches.PatchGrid, num_bands: int):
         self.store, self.grid, self.num_bands = store, grid, num_bands
+        self.buffers = patches.BatchBuffers()
 
     def map(self, element):
-        return patches.gather_patches(self.store, self.grid, element, self.num_bands)
+        return patches.gather_patches(
+            self.store, self.grid, element, self.num_bands, buffers=self.buffers
+        )
 
 
 def per_host_batch_size(config, process_count: int) -> int:
