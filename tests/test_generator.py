@@ -25,7 +25,7 @@ from cswin_jax.models.generator import (
     build_generator,
     output_head,
 )
-from cswin_jax.models.layers import gelu
+from cswin_jax.models.layers import checkpointed_call, gelu
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -375,13 +375,22 @@ def test_remat_policies_give_identical_values_and_gradients():
     block = DualTransformerBlock(split_size=3, num_heads=2, norm_groups=4)
     params = _random_params(block, x)
 
+    class OneBlock(nn.Module):
+        """The block as `Generator._stage` calls it: whole-block recomputation under 'block'."""
+
+        policy: str
+
+        @nn.compact
+        def __call__(self, x):
+            block = DualTransformerBlock(3, 2, 4, remat=self.policy, name="block")
+            return checkpointed_call(self, block, x) if self.policy == "block" else block(x)
+
     results = {}
     for policy in ("none", "attention", "block"):
-        cls = nn.remat(DualTransformerBlock) if policy == "block" else DualTransformerBlock
-        module = cls(split_size=3, num_heads=2, norm_groups=4, remat=policy)
+        module = OneBlock(policy)
 
         def loss(p, x, module=module):
-            return jnp.mean(jnp.square(module.apply({"params": p}, x)))
+            return jnp.mean(jnp.square(module.apply({"params": {"block": p}}, x)))
 
         results[policy] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
     base_value, base_grads = results["none"]
@@ -406,13 +415,54 @@ def test_generator_applies_remat_policy(micro):
         m = model.clone(remat=policy)
         return str(jax.make_jaxpr(lambda p: m.apply({"params": p}, rgb))(params))
 
-    # The remat primitive prints as `remat2[` (older jax) or `checkpoint[`.
+    # `layers.ordered_checkpoint` is a custom VJP: one `custom_vjp_call` per recomputed call.
     counts = {
-        p: len(re.findall(r"\b(?:remat2|checkpoint)\[", jaxpr_text(p)))
+        p: len(re.findall(r"\bcustom_vjp_call\[", jaxpr_text(p)))
         for p in ("none", "attention", "block")
     }
-    # 10 blocks: 2 attention branches each under 'attention', one whole block under 'block'.
-    assert counts == {"none": 0, "attention": 20, "block": 10}, counts
+    # 10 blocks: 2 attention branches each under 'attention'; under 'block' the whole block
+    # and, nested in it, its 2 attention branches, feed-forward and noise-aware block.
+    assert counts == {"none": 0, "attention": 20, "block": 50}, counts
+
+
+class _BlockStack(nn.Module):
+    """Blocks chained as `Generator._stage` chains them (whole-block recomputation on 'block')."""
+
+    policy: str
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            block = DualTransformerBlock(3, 2, 8, remat=self.policy, name=f"block_{i}")
+            x = checkpointed_call(self, block, x) if self.policy == "block" else block(x)
+        return x
+
+
+def test_block_remat_lowers_compiled_memory():
+    """What remat is for, measured where it is decided: XLA's buffer assignment.
+
+    XLA CPU drops `jax.checkpoint`'s optimisation barriers and defers parameter gradients to
+    the end of the backward pass, which once made every remat policy save nothing;
+    `layers.ordered_checkpoint` keeps this from regressing. Three chained blocks, forward +
+    backward, batch 4, 32x32, 16 channels: the temporaries with 'block' must be well under
+    those without remat (the whole default generator at batch 2, 128x128: 1.02 vs 7.08 GiB).
+    """
+    x = jax.ShapeDtypeStruct((4, 32, 32, 16), jnp.float32)
+
+    def temp_bytes(policy):
+        module = _BlockStack(policy)
+        params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape)))
+
+        def loss(p, h):
+            return jnp.mean(jnp.square(module.apply(p, h)))
+
+        compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    none, block = temp_bytes("none"), temp_bytes("block")
+    # Measured 29 vs 81 MiB (0.36); plain `nn.remat` blocks gave 50 MiB (0.62).
+    assert block < 0.5 * none, (block, none)
 
 
 def test_generator_gradients_are_finite(micro):

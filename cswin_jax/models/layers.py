@@ -11,6 +11,8 @@ number for number, in the layout Flax prefers:
   XLA's CPU lowering of grouped convolutions is ~27x slower than this.
 * GroupNorm statistics are always computed in float32 (eps 1e-5, PyTorch's default).
 
+`checkpointed_call` is the rematerialisation the models' `remat` options use.
+
 Weights are initialised like PyTorch's defaults: kaiming-uniform with a=sqrt(5), i.e.
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), where fan_in
 counts input channels per group times the kernel area.
@@ -19,6 +21,7 @@ counts input channels per group times the kernel area.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +31,7 @@ from jax import lax
 
 Array = jax.Array
 Dtype = Any
+PyTree = Any
 
 
 def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
@@ -211,3 +215,63 @@ def adaptive_group_norm(
 ) -> GroupNorm:
     """The original's `adaptive_group_norm(C, base_groups)` (see `adaptive_groups`)."""
     return GroupNorm(adaptive_groups(channels, base_groups), dtype=dtype, name=name)
+
+
+def ordered_checkpoint(fn: Callable[[PyTree, Array], Array]) -> Callable[[PyTree, Array], Array]:
+    """`fn(params, x)` that keeps only `(params, x)` for the backward pass and recomputes the rest
+    there, with the order of that backward pass pinned down.
+
+    `jax.checkpoint` (`nn.remat`) saved almost nothing on XLA CPU, for two reasons this fixes:
+
+    * Its optimisation barrier, which keeps the recomputation from being merged with the
+      forward pass, is expanded away early by XLA's CPU compiler. Here the recomputation
+      starts from `x + 0 * cotangent[0]`: a data dependency on the output's cotangent that no
+      compiler pass can drop or merge with the forward pass (one fused add; the value is `x`
+      exactly, and a NaN/Inf cotangent gives NaN gradients as it would anyway).
+    * The scheduler computes the chain of input cotangents first and defers each call's
+      parameter gradients to the end of the backward pass, so every call's recomputed
+      activations stay live until then. Here the input cotangent is made to depend on every
+      parameter gradient of the call (`+ 0 * sum(max|g|)`; a max, because XLA merges a sum
+      of a reduction into one reduction that no longer waits for the gradient itself).
+
+    Measured with XLA's memory analysis, default generator forward+backward, batch 20,
+    128x128, bfloat16, whole-block remat on CPU: 49.3 GiB of temporaries with `nn.remat`
+    (no less than without remat), 22.9 GiB with the gradient dependency, 8.7 GiB with it and
+    each sub-layer recomputed inside the block (`DualTransformerBlock`). Reverse mode only:
+    used for the generator, never under the discriminator's second-order R1 gradient.
+    """
+
+    @jax.custom_vjp
+    def call(params, x):
+        return fn(params, x)
+
+    def forward(params, x):
+        return fn(params, x), (params, x)
+
+    def backward(residuals, cotangent):
+        params, x = residuals
+        first = jax.tree.leaves(cotangent)[0].reshape(-1)[0]
+        after_cotangent = x + (first * 0).astype(x.dtype)
+        _, vjp = jax.vjp(fn, params, after_cotangent)
+        params_ct, x_ct = vjp(cotangent)
+        # The input's cotangent, which the layers before need next, waits for every parameter
+        # gradient of this call: they are computed while its recomputed activations are live.
+        done = sum(jnp.max(jnp.abs(g)).astype(jnp.float32) for g in jax.tree.leaves(params_ct))
+        return params_ct, x_ct + (done * 0).astype(x_ct.dtype)
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def checkpointed_call(parent: nn.Module, child: nn.Module, x: Array) -> Array:
+    """`child(x)` under `ordered_checkpoint`, with the child's parameters where they would be.
+
+    `child` is a submodule defined (not yet called) in `parent`'s compact method; it must use
+    only the `params` collection. At initialisation it is simply called, so parameter names and
+    shapes are those of the plain call.
+    """
+    if parent.is_initializing():
+        return child(x)
+    params = parent.variables["params"][child.name]
+    definition = child.clone(parent=None)
+    return ordered_checkpoint(lambda p, h: definition.apply({"params": p}, h))(params, x)
