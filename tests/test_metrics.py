@@ -88,10 +88,13 @@ def test_compute_metrics_matches_golden(case, golden, pairs, jitted):
         _check(name, value, golden[f"{case}/compute_metrics/{name}"], f"{case}/{name}")
         _check(name, value, golden[f"{case}/{FUNCTION_KEYS[name]}"], f"{case}/{name}")
     if case == "small":
-        # The standalone functions agree with compute_metrics (same float32 code path).
+        # The standalone functions agree with compute_metrics (same float32 code path, eager
+        # vs jitted: XLA may fuse differently, so SAM's acos again amplifies rounding; 4e-6
+        # measured on an AVX2-only CPU).
         for name in metrics.METRIC_NAMES:
             standalone = getattr(metrics, name)(pred, target)
-            np.testing.assert_allclose(float(standalone), float(results[name]), rtol=1e-6)
+            rtol = SAM_REAL_PAIRS if name == "sam" else STRICT
+            np.testing.assert_allclose(float(standalone), float(results[name]), rtol=rtol)
 
 
 def test_identical_inputs(golden, pairs, jitted):

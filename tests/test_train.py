@@ -50,7 +50,9 @@ def tiny_config():
     c.data.patch_size = 16
     c.data.stride = 8
     c.batch_size = 8
-    c.gradient_accumulation_steps = 2
+    # On CPU the micro-steps are unrolled, so A = 2 roughly doubles every step's compile time;
+    # accumulation is exercised once, by the generator-only recipe test.
+    c.gradient_accumulation_steps = 1
     # Not 8: EfficientSpectralAttention normalises q and k with GroupNorm(8), so 8 channels
     # give one channel per group, whose spatial mean is exactly 0; the attention then
     # normalises rounding noise, and 1- and 8-device runs differ by O(1) (the original's
@@ -155,10 +157,16 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
         state, m = step(state, jax.device_put(make_batch(tiny_trainer.config, seed), data))
     state = jax.device_get(state)
     np.testing.assert_allclose(m["gen_loss"], ref_history[1]["gen_loss"], rtol=1e-4)
+    # Parameters after two Adam steps: Adam divides each gradient by its own running RMS, so
+    # for an element whose gradient is near zero the rounding of the cross-device sum moves
+    # the step by a visible fraction of the learning rate (measured: 2.3e-6 = 0.23% of lr_g on
+    # one element of a 16-element leaf, batch 8, A = 1). Hence an absolute tolerance of 1% of
+    # lr_g; the loss and gradient norms are compared at 1e-4 relative below.
+    lr_g = tiny_trainer.config.optim.generator_lr
     for a, b in zip(
         jax.tree.leaves(state.gen_params), jax.tree.leaves(ref_state.gen_params), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=0.01 * lr_g)
     # The discriminator's output bias is the exception. The Sinkhorn divergence with the
     # squared-Euclidean cost does not change when real and fake move together, so its
     # gradient is zero up to rounding (only the joint rescale and the clamp break the
@@ -376,11 +384,18 @@ def test_generator_only_recipe_step():
     config.data.patch_size = 16
     config.batch_size = 2
     config.model.remat = "block"
+    config.gradient_accumulation_steps = 2
     trainer = train.Trainer(config)
     state = jax.jit(trainer.init_state)(jax.random.key(0))
     assert state.disc_params is None
     batch = make_batch(config)
+    batch["rgb"][1], batch["hsi"][1] = batch["rgb"][0], batch["hsi"][0]
     new_state, m = jax.jit(trainer.train_step)(state, batch)
     assert np.isfinite(m["gen_loss"]) and "disc_loss" not in m
     assert int(new_state.step) == 1
     assert jnp.abs(m["gen_loss"] - m["reconstruction"]) < 1e-6
+    # Two identical micro-batches: the accumulated mean equals one micro-batch's loss.
+    single = {k: v[:1] for k, v in batch.items()}
+    _, m1 = jax.jit(trainer.train_step)(state, single)
+    np.testing.assert_allclose(float(m["gen_loss"]), float(m1["gen_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m["gen_grad_norm"]), float(m1["gen_grad_norm"]), rtol=1e-4)
