@@ -350,8 +350,13 @@ def test_two_processes_agree(tmp_path, one_device_run):
         line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
         results.append(json.loads(line[len("RESULT ") :]))
     np.testing.assert_array_equal(results[0], results[1])
-    ref = [float(np.sum(np.abs(x))) for x in jax.tree.leaves(ref_state.gen_params)]
-    np.testing.assert_allclose(results[0], ref, rtol=1e-5)
+    leaves = jax.tree.leaves(ref_state.gen_params)
+    ref = [float(np.sum(np.abs(x))) for x in leaves]
+    # Per element, the 8-device test's tolerance (1% of lr_g, for Adam's amplification of
+    # gradient rounding), summed over each leaf.
+    lr_g = tiny_config().optim.generator_lr
+    atol = np.array([x.size for x in leaves]) * 0.01 * lr_g
+    np.testing.assert_array_less(np.abs(np.array(results[0]) - ref), 1e-5 * np.abs(ref) + atol)
 
 
 def test_unknown_config_key_fails_loudly(tmp_path):
