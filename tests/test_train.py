@@ -343,7 +343,8 @@ def test_two_processes_agree(tmp_path, one_device_run):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    # A guard against hangs: each process compiles the step (minutes on a slow 2-core CPU).
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
     results = []
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
