@@ -290,8 +290,11 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import jax
+    # Generous start-up and shutdown barriers: on a slow 2-core CPU the two processes
+    # compile the step side by side and can reach shutdown minutes apart (300 s default).
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
-                               process_id=int(sys.argv[2]))
+                               process_id=int(sys.argv[2]), initialization_timeout=1800,
+                               shutdown_timeout_seconds=1800)
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[3])
