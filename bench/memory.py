@@ -22,8 +22,8 @@ which hoisted recomputation back into the forward pass, is turned off by `import
 (see `cswin_jax/__init__.py`), and the generator's remat is `layers.ordered_checkpoint`
 (`jax.checkpoint` saved nothing on XLA CPU). Measured on 2 CPU cores, batch 20, bfloat16
 (XLA temp / peak, GiB): none 79.4 / 79.7, attention 57.3 / 57.6, block 15.8 / 16.0; the
-generator's forward+backward alone with block: 8.7. Compiling the default width on CPU takes 4-7 minutes
-per policy; `--residuals_only` takes seconds.
+generator's forward+backward alone with block: 8.7. Compiling the default width on CPU
+takes 4-7 minutes per policy; `--residuals_only` takes seconds.
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""Shared set-up of the training-step tests: a tiny GAN config, batches, jitted steps.
+
+Not a test module. `tests/test_train*.py` and the two-process script import it.
+"""
+
+import ctypes
+import gc
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import quickstart
+from cswin_jax import train
+
+
+def release_compiled_programs() -> None:
+    """Frees compiled executables and returns the freed heap to the OS, so the next compile
+    starts from a small process (the persistent cache reloads programs)."""
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def tiny_config():
+    """The quickstart recipe shrunk to test size (widths 16/32/64, 16x16 patches)."""
+    c = quickstart.get_config()
+    c.data.patch_size = 16
+    c.data.stride = 8
+    c.batch_size = 8
+    # On CPU the micro-steps are unrolled, so A = 2 roughly doubles every step's compile time;
+    # accumulation is exercised once, by the generator-only recipe test.
+    c.gradient_accumulation_steps = 1
+    # Not 8: EfficientSpectralAttention normalises q and k with GroupNorm(8), so 8 channels
+    # give one channel per group, whose spatial mean is exactly 0; the attention then
+    # normalises rounding noise, and 1- and 8-device runs differ by O(1) (the original's
+    # arithmetic, ill-conditioned only at this toy width).
+    c.model.base_channels = 16
+    c.model.num_heads = 2
+    c.model.split_sizes = (2, 2, 2)
+    c.model.norm_groups = 4
+    c.discriminator.base_dim = 8
+    c.discriminator.num_heads = 2
+    c.discriminator.num_blocks = (1, 1, 1)
+    c.sinkhorn.max_points = 16
+    c.loss.warmup_iterations = 1  # adversarial and SAM weights active from step 1
+    c.loss.r1_interval = 2
+    c.optim.warmup_steps = 2
+    c.data.synthetic.num_train = 2
+    c.data.synthetic.num_valid = 1
+    c.data.synthetic.height = 40
+    c.data.synthetic.width = 48
+    c.epochs = 1
+    c.iterations_per_epoch = 4
+    c.checkpoint_every = 2
+    c.log_every = 2
+    return c
+
+
+def make_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b, p = config.gradient_accumulation_steps, config.batch_size, config.data.patch_size
+    rgb = rng.uniform(0, 1, (a, b, p, p, 3)).astype(np.float32)
+    hsi = rng.uniform(0, 1, (a, b, p, p, 31)).astype(np.float32)
+    return {"rgb": rgb, "hsi": hsi}
+
+
+def jitted_step(trainer, devices, donate=False):
+    """(init, step, batch sharding) jitted as `loop.train_and_evaluate` jits them: over all
+    devices with `donate=True`, the step is the loop's program (a cache hit for the loop)."""
+    mesh = Mesh(np.array(devices), ("data",))
+    repl = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(None, "data"))
+    state_shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    state_sh = jax.tree.map(lambda _: repl, state_shape)
+    step = trainer.make_train_step(state_sh, data, repl, donate=donate)
+    init = jax.jit(trainer.init_state, out_shardings=state_sh)
+    return init, step, data
+
+
+def one_device_run(trainer):
+    """Two GAN steps on one device: (initial state, final state, metrics of each step, the
+    jitted step, its batch sharding)."""
+    init, step, data = jitted_step(trainer, jax.devices()[:1])
+    state0 = init(jax.random.key(0))
+    state, history = state0, []
+    for seed in (0, 1):
+        batch = jax.device_put(make_batch(trainer.config, seed), data)
+        state, m = step(state, batch)
+        history.append(jax.device_get(m))
+    return jax.device_get(state0), jax.device_get(state), history, step, data
+
+
+def tiny_trainer():
+    return train.Trainer(tiny_config())
