@@ -46,7 +46,7 @@ def one_device_run(tiny_trainer):
 
 @SLOW
 def test_gan_step_updates_both_networks(one_device_run):
-    state0, state, history, _, _ = one_device_run
+    state0, state, history, _, _, _ = one_device_run
     assert int(state.step) == 2
     assert int(state.disc_step) == 2  # n_critic = 1: one D step per G step
     for m in history:
@@ -77,7 +77,7 @@ def test_gan_step_updates_both_networks(one_device_run):
 def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
     """Data parallel over 8 virtual CPU devices equals the single-device step (fp32 tolerance:
     only the order of the cross-device gradient sums differs)."""
-    _, ref_state, ref_history, _, _ = one_device_run
+    _, ref_state, ref_history, _, _, _ = one_device_run
     assert len(jax.devices()) == 8
     # Donated, as in the training loop: the loop tests below reuse this compiled program.
     init, step, data = jitted_step(tiny_trainer, jax.devices(), donate=True)
@@ -116,10 +116,11 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
 
 @SLOW
 def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
-    _, state, _, step, data = one_device_run
+    _, state, _, step, data, live_state = one_device_run
     batch = make_batch(tiny_trainer.config, 5)
     batch["rgb"][0, 0, 0, 0, 0] = np.nan
-    new_state, m = step(jax.device_put(state), jax.device_put(batch, data))
+    # The live device state, not `jax.device_put(state)`: that recompiles the step.
+    new_state, m = step(live_state, jax.device_put(batch, data))
     new_state = jax.device_get(new_state)
     assert m["gen_skipped"] == 1
     assert int(new_state.step) == int(state.step)

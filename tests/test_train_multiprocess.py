@@ -91,7 +91,7 @@ def test_two_processes_agree(tmp_path):
     np.testing.assert_array_equal(results[0], results[1])
     # The reference only now, so that this process holds no compiled step while the two
     # compile theirs; with the persistent cache warm from test_train.py, it is a cache load.
-    _, ref_state, _, _, _ = train_setup.one_device_run(train_setup.tiny_trainer())
+    _, ref_state, _, _, _, _ = train_setup.one_device_run(train_setup.tiny_trainer())
     train_setup.release_compiled_programs()
     leaves = jax.tree.leaves(ref_state.gen_params)
     ref = [float(np.sum(np.abs(x))) for x in leaves]

@@ -84,7 +84,9 @@ def jitted_step(trainer, devices, donate=False):
 
 def one_device_run(trainer):
     """Two GAN steps on one device: (initial state, final state, metrics of each step, the
-    jitted step, its batch sharding)."""
+    jitted step, its batch sharding, the final state as device arrays). States are host
+    copies except the last: feeding the step a host copy (device_put back) compiles a second
+    program (a different cache key, measured), its own outputs do not."""
     init, step, data = jitted_step(trainer, jax.devices()[:1])
     state0 = init(jax.random.key(0))
     state, history = state0, []
@@ -92,7 +94,7 @@ def one_device_run(trainer):
         batch = jax.device_put(make_batch(trainer.config, seed), data)
         state, m = step(state, batch)
         history.append(jax.device_get(m))
-    return jax.device_get(state0), jax.device_get(state), history, step, data
+    return jax.device_get(state0), jax.device_get(state), history, step, data, state
 
 
 def tiny_trainer():
