@@ -109,6 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.split_sizes = (7, 7, 7)
     c.model.norm_groups = 8
     c.model.num_heads = 4
+    # Dual-attention blocks in each of the five stages: 2 in the original (fixed there);
+    # fewer gives a lighter model (the tests use 1: half the program to compile).
+    c.model.blocks_per_stage = 2
     c.model.output_activation = "none"  # none | sigmoid | tanh | delayed_sigmoid
     c.model.activation_delay_iters = 20000
     c.model.clamp_range = 10.0  # original: generator_clamp_range

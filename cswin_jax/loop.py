@@ -7,12 +7,14 @@ writers and the progress bar.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
 import signal
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,87 @@ def _architecture(config_dict: Mapping) -> dict:
     keys = ("model", "discriminator", "train_discriminator")
     # JSON round trip: tuples in the live config come back from the checkpoint as lists.
     return json.loads(json.dumps({k: config_dict.get(k) for k in keys}))
+
+
+class Programs(NamedTuple):
+    """A trainer and its jitted programs for one config on one mesh (`compiled_programs`)."""
+
+    trainer: Trainer
+    state_shape: TrainState  # jax.ShapeDtypeStruct leaves
+    state_sharding: TrainState
+    batch_sharding: NamedSharding
+    init_fn: jax.stages.Compiled  # rng key -> TrainState
+    step_fn: jax.stages.Compiled  # (state, batch) -> (state, metrics), state donated
+    predict_fn: Callable  # (params, rgb [B, H, W, 3]) -> hsi (jitted)
+
+
+_PROGRAMS: dict[tuple, Programs] = {}
+_BARRIERS = itertools.count()
+
+
+def _programs_key(config: ml_collections.ConfigDict, mesh) -> tuple:
+    return (
+        json.dumps(config.to_dict(), sort_keys=True, default=repr),
+        tuple(int(d.id) for d in mesh.devices.flat),
+        jax.process_count(),
+    )
+
+
+def clear_compiled_programs() -> None:
+    """Drops the programs `compiled_programs` keeps (frees their executables)."""
+    _PROGRAMS.clear()
+
+
+def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
+    """The trainer for `config` and its programs on `mesh`, the initialiser and the train
+    step compiled ahead of time (`jit(...).lower(...).compile()`) for the loop's batch shape
+    and shardings.
+
+    Kept for the newest (config, devices) pair of this process, so another
+    `train_and_evaluate` call with the same config (a resume in the same process, a notebook
+    re-run) reuses the compiled step. A compiled CPU step is expensive to get even from the
+    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph (minutes
+    for the tiny 8-device test step on 2 cores).
+    """
+    key = _programs_key(config, mesh)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    _PROGRAMS.clear()  # one entry: free the previous config's executables first
+    trainer = Trainer(config)
+    state_shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    state_sharding = _state_shardings(state_shape, mesh)
+    batch_sharding = _batch_sharding(mesh)
+    p = config.data.patch_size
+    batch_shape = (config.gradient_accumulation_steps, config.batch_size, p, p)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((*batch_shape, c), jnp.float32, sharding=batch_sharding)
+        for k, c in (("rgb", config.model.in_channels), ("hsi", config.model.out_channels))
+    }
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        state_shape,
+        state_sharding,
+    )
+    step_fn = (
+        trainer.make_train_step(
+            state_sharding, batch_sharding, sharding.replicated(mesh), donate=True
+        )
+        .lower(abstract_state, abstract_batch)
+        .compile()
+    )
+    init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
+    init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
+    programs = Programs(
+        trainer=trainer,
+        state_shape=state_shape,
+        state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
+        init_fn=init_fn,
+        step_fn=step_fn,
+        predict_fn=jax.jit(trainer.predict),
+    )
+    _PROGRAMS[key] = programs
+    return programs
 
 
 class _StopRequested:
@@ -120,12 +203,6 @@ def train_and_evaluate(
     train_iter = pipeline.create_train_iterator(config, data_root)
     valid_scenes = pipeline.load_split(config, data_root, split="valid")
 
-    trainer = Trainer(config)
-    rng = jax.random.key(config.seed)
-    state_shape = jax.eval_shape(trainer.init_state, rng)
-    state_sharding = _state_shardings(state_shape, mesh)
-    init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
-
     checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -136,25 +213,26 @@ def train_and_evaluate(
                 f"({json.dumps(_architecture(saved))}); use a new --workdir, or start from its "
                 "weights with --config.init_from=PATH"
             )
+
+    programs = compiled_programs(config, mesh)
+    # Every process has its programs compiled before any of them runs one.
+    sharding.wait_for_all_processes(f"cswin_jax_compiled_{next(_BARRIERS)}")
+    state_sharding, batch_sharding = programs.state_sharding, programs.batch_sharding
+    if latest is not None:
         abstract = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            state_shape,
+            programs.state_shape,
             state_sharding,
         )
-        state, restored_step = checkpointer.restore(abstract, train_iter)
+        state, _ = checkpointer.restore(abstract, train_iter)
         logging.info("resumed from %s at step %d", ckpt_root, int(state.step))
     else:
-        state = init_fn(rng)
+        state = programs.init_fn(jax.random.key(config.seed))
         if config.init_from:
             state = _load_initial_weights(state, config.init_from, state_sharding)
     best_mrae = checkpointer.best_metric()
     best_mrae = math.inf if best_mrae is None else best_mrae
-
-    batch_sharding = _batch_sharding(mesh)
-    step_fn = trainer.make_train_step(
-        state_sharding, batch_sharding, sharding.replicated(mesh), donate=True
-    )
-    predict_fn = jax.jit(trainer.predict)
+    step_fn, predict_fn = programs.step_fn, programs.predict_fn
 
     n_steps = total_steps(config)
     start = int(state.step)

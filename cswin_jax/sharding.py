@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -55,3 +56,15 @@ def host_batch_to_global(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, leaf)
 
     return jax.tree.map(place, batch)
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+    """Blocks until every process reaches the barrier `name` (a no-op for one process).
+
+    A barrier of the `jax.distributed` coordination service, not an XLA collective: used
+    after compiling a step and before running it, because XLA CPU's gloo collectives wait
+    only 30 s for a late peer, and hosts compile at different speeds. `name` must not be
+    reused within a run.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

@@ -33,3 +33,16 @@ def golden_dir() -> pathlib.Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden data not found at {GOLDEN_DIR} (set CSWIN_GOLDEN_DIR)")
     return GOLDEN_DIR
+
+
+# The files that compile whole training steps (minutes each on 2 CPU cores), heaviest first.
+# Collected first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` hands them
+# out before the quick files: one worker takes test_train.py, the other the two shorter
+# ones, and the quick files fill in behind them.
+_SLOW_FILES_FIRST = ("test_train.py", "test_train_recipes.py", "test_train_multiprocess.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable

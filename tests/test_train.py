@@ -2,11 +2,12 @@
 resume, signals, config checks.
 
 The slow tests here compile whole GAN steps (minutes each on 2 CPU cores, almost all XLA
-compile time). The README's test command runs the slow test files on two pytest-xdist
-workers with `--dist loadfile`: this file on one, `test_train_recipes.py` on the other; the
-two-process test (`test_train_multiprocess.py`) runs after them, alone. Within this file the
-training-loop tests reuse the 8-device test's compiled step through the persistent
-compilation cache (same shardings, donated state). `-m 'not slow'` skips them all.
+compile time). The README's test command (`--dist loadfile`, `tests/conftest.py` ordering)
+runs this file on one pytest-xdist worker and `test_train_recipes.py`, then
+`test_train_multiprocess.py`, on the other. Within this file the training-loop tests reuse
+the 8-device test's compiled step: it comes from `loop.compiled_programs`, which keeps the
+newest config's programs for the process.
+`-m 'not slow'` skips them all.
 """
 
 import os
@@ -20,9 +21,9 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import loop, train
+from cswin_jax import loop, sharding, train
 from tests import train_setup
-from tests.train_setup import jitted_step, make_batch, tiny_config
+from tests.train_setup import make_batch, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SLOW = pytest.mark.slow
@@ -32,6 +33,12 @@ SLOW = pytest.mark.slow
 def _release_compiled_programs():
     yield
     train_setup.release_compiled_programs()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_loop_programs():
+    yield
+    loop.clear_compiled_programs()
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +86,13 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
     only the order of the cross-device gradient sums differs)."""
     _, ref_state, ref_history, _, _, _ = one_device_run
     assert len(jax.devices()) == 8
-    # Donated, as in the training loop: the loop tests below reuse this compiled program.
-    init, step, data = jitted_step(tiny_trainer, jax.devices(), donate=True)
-    state = init(jax.random.key(0))
+    # The training loop's own programs (compiled ahead of time, state donated): the loop
+    # tests below find them in `loop.compiled_programs` and compile nothing.
+    programs = loop.compiled_programs(tiny_config(), sharding.make_mesh())
+    state = programs.init_fn(jax.random.key(0))
     for seed in (0, 1):
-        state, m = step(state, jax.device_put(make_batch(tiny_trainer.config, seed), data))
+        batch = jax.device_put(make_batch(tiny_trainer.config, seed), programs.batch_sharding)
+        state, m = programs.step_fn(state, batch)
     state = jax.device_get(state)
     np.testing.assert_allclose(m["gen_loss"], ref_history[1]["gen_loss"], rtol=1e-4)
     # Parameters after two Adam steps: Adam divides each gradient by its own running RMS, so
@@ -194,26 +203,28 @@ def test_resume_is_bit_identical(tmp_path):
 
 @SLOW
 def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
+    """SIGTERM during step 1 (checkpoint_every = 2): step 1 finishes, is saved, and the loop
+    returns. Same config as the other loop tests, so it reuses their compiled step."""
     config = tiny_config()
-    config.checkpoint_every = 100
+    assert config.checkpoint_every > 1
     calls = {"n": 0}
     original = loop._stack_micro_batches
 
     def stack_and_signal(iterator, n):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(iterator, n)
 
     monkeypatch.setattr(loop, "_stack_micro_batches", stack_and_signal)
     state = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    assert int(state.step) == 2
+    assert int(state.step) == 1
     steps = sorted(
         int(p.name)
         for p in (tmp_path / "run" / "checkpoints" / "train").iterdir()
         if p.name.isdigit()
     )
-    assert steps == [2]
+    assert steps == [1]
 
 
 def test_unknown_config_key_fails_loudly(tmp_path):

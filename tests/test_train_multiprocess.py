@@ -1,8 +1,10 @@
 """Two jax.distributed processes on localhost agree with the one-device GAN step.
 
-Marked `multiprocess`: the README's test command runs it after the other slow tests, alone.
-The two processes must reach each collective within XLA CPU's 30 s rendezvous window, which
-a third process competing for the same 2 cores can break.
+Marked `slow` and `multiprocess`. The README's test command runs it on the second worker
+after `test_train_recipes.py`, while the first still compiles `test_train.py`'s steps. The
+two processes must reach each collective within XLA CPU's 30 s gloo window, however unevenly
+the shared cores compile their programs: they meet at a coordination-service barrier after
+compiling, before the first collective.
 """
 
 import json
@@ -36,21 +38,29 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[3])
     from tests.train_setup import tiny_config, make_batch
-    from cswin_jax import train
+    from cswin_jax import sharding, train
     config = tiny_config()
     trainer = train.Trainer(config)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
     sh = jax.tree.map(lambda _: repl, shape)
-    state = jax.jit(trainer.init_state, out_shardings=sh)(jax.random.key(0))
-    step = trainer.make_train_step(sh, data, repl, donate=False)
+    init = jax.jit(trainer.init_state, out_shardings=sh).lower(jax.random.key(0)).compile()
     half = config.batch_size // 2
     pid = jax.process_index()
+    batches = []
     for seed in (0, 1):
         full = make_batch(config, seed)
         local = {k: v[:, pid * half:(pid + 1) * half] for k, v in full.items()}
-        batch = {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()}
+        batches.append(
+            {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
+    # Compile, then meet at a coordination-service barrier before the first collective, as
+    # the training loop does (gloo gives a late peer 30 s; one process may compile slower).
+    step = trainer.make_train_step(sh, data, repl, donate=False)
+    step = step.lower(shape, batches[0]).compile()
+    sharding.wait_for_all_processes("two_process_test_compiled")
+    state = init(jax.random.key(0))
+    for batch in batches:
         state, m = step(state, batch)
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.gen_params)]
     print("RESULT " + json.dumps([float(np.sum(np.abs(x))) for x in leaves]), flush=True)

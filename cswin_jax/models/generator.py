@@ -266,6 +266,7 @@ class Generator(nn.Module):
 
     `dtype` is the compute dtype (bfloat16 allowed); parameters are `param_dtype` (float32);
     GroupNorm statistics, attention logits and softmax are float32; the output is float32.
+    `blocks_per_stage`: dual-attention blocks per stage (the original: 2, fixed).
     `remat`: 'none', 'attention' (recompute attention branches in backward) or 'block'
     (recompute whole DualTransformerBlocks, and each sub-layer again inside them) — memory
     only, same numbers (`layers.ordered_checkpoint`: at batch 20, 128x128, bfloat16, the
@@ -278,6 +279,7 @@ class Generator(nn.Module):
     split_sizes: Sequence[int] = (7, 7, 7)
     norm_groups: int = 8
     num_heads: int = 4
+    blocks_per_stage: int = 2
     output_activation: str = "none"
     activation_delay_iters: int = 20000
     clamp_range: float = 10.0
@@ -295,11 +297,13 @@ class Generator(nn.Module):
         ):
             if value not in allowed:
                 raise ValueError(f"model.{key}: unknown value {value!r}, expected one of {allowed}")
+        if int(self.blocks_per_stage) < 1:
+            raise ValueError(f"model.blocks_per_stage must be >= 1, found {self.blocks_per_stage}")
         if self.param_dtype != jnp.float32:
             raise ValueError(f"Generator: param_dtype must be float32, found {self.param_dtype}")
 
     def _stage(self, x: Array, name: str, split_size: int) -> Array:
-        for index in range(2):
+        for index in range(self.blocks_per_stage):
             block = DualTransformerBlock(
                 split_size,
                 self.num_heads,
@@ -371,6 +375,7 @@ def build_generator(model_cfg: Any, dtype: Dtype = jnp.float32) -> Generator:
         split_sizes=tuple(int(s) for s in get("split_sizes", (7, 7, 7))),
         norm_groups=int(get("norm_groups", 8)),
         num_heads=int(get("num_heads", 4)),
+        blocks_per_stage=int(get("blocks_per_stage", 2)),
         output_activation=str(get("output_activation", "none")),
         activation_delay_iters=int(get("activation_delay_iters", 20000)),
         clamp_range=float(get("clamp_range", 10.0)),
