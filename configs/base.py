@@ -153,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.use_r1 = True  # original: use_r1_regularization
     c.loss.r1_gamma = 10.0
     c.loss.r1_interval = 16  # lazy R1: every 16 discriminator steps, scaled by 16
+    # R1's double backward over this many slices of the batch in turn (same value; less
+    # memory, slower R1 steps). Must divide batch_size.
+    c.loss.r1_chunks = 1
 
     c.sinkhorn = ml_collections.ConfigDict()
     c.sinkhorn.epsilon = 0.1

@@ -368,6 +368,53 @@ def r1_penalty(
     return jnp.float32(factor * gamma) * jnp.mean(per_sample), aux
 
 
+def chunked_r1_penalty(
+    logits_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]],
+    rgb: jax.Array,
+    hsi: jax.Array,
+    gamma: float,
+    *,
+    chunks: int = 1,
+    half: bool = True,
+) -> tuple[jax.Array, Any]:
+    """`r1_penalty` over `chunks` slices of the batch, one slice at a time.
+
+    The penalty's double backward keeps the discriminator's forward and first-backward
+    activations (measured with `bench/memory.py`-style residuals at batch 20, default width:
+    11.5 GiB, the largest part of a GAN step). Here the batch is cut into `chunks` strided
+    slices (samples c, c + chunks, ...: each device's share of a batch-sharded array stays on
+    it) and a checkpointed `lax.scan` runs them in turn, so the backward holds one slice's
+    activations. The discriminator treats samples independently (no batch statistics), so
+    the value and its gradient are the full batch's, up to summation order. `chunks=1` is
+    `r1_penalty` itself.
+
+    Args:
+      logits_fn: (rgb, hsi) -> (logits, aux), e.g. a train-mode discriminator call; aux (the
+        spectral-norm state) is taken from the last slice: the power iteration does not
+        depend on the data, so every slice returns the same one.
+      rgb, hsi: [B, H, W, 3] and [B, H, W, 31], B divisible by `chunks`.
+    """
+    if chunks == 1:
+        return r1_penalty(lambda h: logits_fn(rgb, h), hsi, gamma, half=half)
+    batch = hsi.shape[0]
+    if chunks < 1 or batch % chunks:
+        raise ValueError(
+            f"loss.r1_chunks={chunks} must divide the discriminator's batch of {batch}"
+        )
+
+    def strided(x):  # [B, ...] -> [chunks, B / chunks, ...], slice c = samples c, c + chunks
+        return jnp.moveaxis(x.reshape(batch // chunks, chunks, *x.shape[1:]), 1, 0)
+
+    @jax.checkpoint
+    def one_slice(total, slices):
+        rgb_c, hsi_c = slices
+        penalty, aux = r1_penalty(lambda h: logits_fn(rgb_c, h), hsi_c, gamma, half=half)
+        return total + penalty, aux
+
+    total, auxes = jax.lax.scan(one_slice, jnp.zeros((), jnp.float32), (strided(rgb), strided(hsi)))
+    return total / chunks, jax.tree.map(lambda a: a[-1], auxes)
+
+
 # --------------------------------------------------------------------------------------------
 # Combined generator loss.
 # --------------------------------------------------------------------------------------------

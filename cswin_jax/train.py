@@ -107,6 +107,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         fail("iterations_per_epoch", f"must be >= 1, got {config.iterations_per_epoch}")
     if not 0.0 <= config.ema_decay < 1.0:
         fail("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
+    r1_chunks = config.loss.get("r1_chunks", 1)
+    if r1_chunks < 1 or config.batch_size % r1_chunks:
+        fail("loss.r1_chunks", f"{r1_chunks} must be >= 1 and divide batch_size")
     if config.model.remat not in ("none", "attention", "block"):
         fail("model.remat", f"unknown policy {config.model.remat!r}; use none | attention | block")
 
@@ -297,10 +300,13 @@ class Trainer:
             adv = losses.discriminator_sinkhorn_loss(real_logits, fake_logits, config.sinkhorn)
 
             def with_r1(sn_in):
-                def logits_fn(h):
-                    return self._disc_train(disc_params, sn_in, rgb, h)
+                def logits_fn(rgb_in, h):
+                    return self._disc_train(disc_params, sn_in, rgb_in, h)
 
-                penalty, sn_out = losses.r1_penalty(logits_fn, hsi, config.loss.r1_gamma)
+                chunks = config.loss.get("r1_chunks", 1)
+                penalty, sn_out = losses.chunked_r1_penalty(
+                    logits_fn, rgb, hsi, config.loss.r1_gamma, chunks=chunks
+                )
                 return penalty.astype(jnp.float32), sn_out
 
             def without_r1(sn_in):

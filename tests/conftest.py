@@ -37,9 +37,9 @@ def golden_dir() -> pathlib.Path:
 
 # The files that compile whole training steps (minutes each on 2 CPU cores), heaviest first.
 # Collected first, so that `pytest -n 2 --dist loadfile --no-loadscope-reorder` hands them
-# out before the quick files: one worker takes test_train.py, the other the two shorter
-# ones, and the quick files fill in behind them.
-_SLOW_FILES_FIRST = ("test_train.py", "test_train_recipes.py", "test_train_multiprocess.py")
+# out before the quick files: one worker takes test_train.py, the other
+# test_train_recipes.py, and the quick files fill in behind them.
+_SLOW_FILES_FIRST = ("test_train.py", "test_train_recipes.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -511,3 +511,42 @@ def test_r1_with_discriminator_matches_golden(golden_dir):
     updated = {"params": variables["params"], **updates}
     penalty_eval, _, _ = jax.jit(lambda v: penalty_and_grad(v, False))(updated)
     assert _rel(penalty_eval, z["r1/eval_after_train/penalty"]) <= 1e-4
+
+
+def test_chunked_r1_equals_whole_batch_r1():
+    """R1 over 2 strided slices of a batch of 4 equals R1 over the batch: penalty, its
+    gradient w.r.t. the discriminator parameters and the spectral-norm state (tiny
+    discriminator). The samples are independent, so only the float32 summation order of the
+    weight gradients' batch sums differs: max|diff| <= 1e-5 max|ref| per leaf (measured
+    3.7e-8 on leaves of magnitude ~1e-2)."""
+    from cswin_jax.models.discriminator import build_discriminator
+
+    model = build_discriminator(
+        {"base_dim": 8, "num_heads": 2, "num_blocks": (1, 1, 1), "mlp_ratio": 2.0, "dropout": 0.0}
+    )
+    rng = np.random.default_rng(0)
+    rgb = jnp.asarray(rng.uniform(0, 1, (4, 16, 16, 3)).astype(np.float32))
+    hsi = jnp.asarray(rng.uniform(0, 1, (4, 16, 16, 31)).astype(np.float32))
+    variables = model.init(jax.random.key(0), rgb, hsi, train=False)
+
+    def penalty(params, chunks):
+        def logits_fn(r, h):
+            v = {"params": params, "spectral_norm": variables["spectral_norm"]}
+            logits, upd = model.apply(v, r, h, train=True, mutable=["spectral_norm"])
+            return logits, upd["spectral_norm"]
+
+        return losses.chunked_r1_penalty(logits_fn, rgb, hsi, 10.0, chunks=chunks)
+
+    results = [
+        jax.jit(jax.value_and_grad(lambda p, c=c: penalty(p, c), has_aux=True))(variables["params"])
+        for c in (1, 2)
+    ]
+    ((whole, sn_whole), g_whole), ((chunked, sn_chunked), g_chunked) = results
+    assert float(whole) > 0
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)) + 1e-12
+    for a, b in zip(jax.tree.leaves(sn_chunked), jax.tree.leaves(sn_whole), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="r1_chunks=3"):
+        penalty(variables["params"], 3)
