@@ -163,11 +163,16 @@ def test_lr_schedule_warmup_and_floor():
         ("n_critic", 0, "n_critic"),
         ("gradient_accumulation_steps", 0, "gradient_accumulation_steps"),
         ("batch_size", 6, "not divisible by the 8 devices"),
+        ("loss.r1_chunks", 3, "r1_chunks: 3 must be >= 1 and divide batch_size"),
     ],
 )
 def test_invalid_config_is_rejected(key, value, match):
     config = tiny_config()
-    config[key] = value
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
     with pytest.raises(ValueError, match=match):
         train.validate_config(config, num_devices=8)
 
