@@ -163,15 +163,19 @@ def analyse(config, policy: str, batch: int, patch: int, dtype, compile_step: bo
     compiled = step.lower(
         gen_params, gen_opt, disc_vars["params"], disc_vars["spectral_norm"], disc_opt, rgb, hsi
     ).compile()
-    seconds = time.perf_counter() - start
+    return row | compiled_memory(compiled, time.perf_counter() - start)
+
+
+def compiled_memory(compiled, compile_s: float) -> dict:
+    """`compiled.memory_analysis()` in GiB, plus peak = argument + output - alias + temp."""
     stats = compiled.memory_analysis()
-    row |= {
+    row = {
         "temp": stats.temp_size_in_bytes / GIB,
         "argument": stats.argument_size_in_bytes / GIB,
         "output": stats.output_size_in_bytes / GIB,
         "alias": stats.alias_size_in_bytes / GIB,
         "code": stats.generated_code_size_in_bytes / GIB,
-        "compile_s": seconds,
+        "compile_s": compile_s,
     }
     row["peak"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
     return row
@@ -195,18 +199,7 @@ def analyse_trainer(config, policy: str, batch: int, patch: int):
     }
     start = time.perf_counter()
     compiled = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, data).compile()
-    seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    row = {
-        "temp": stats.temp_size_in_bytes / GIB,
-        "argument": stats.argument_size_in_bytes / GIB,
-        "output": stats.output_size_in_bytes / GIB,
-        "alias": stats.alias_size_in_bytes / GIB,
-        "code": stats.generated_code_size_in_bytes / GIB,
-        "compile_s": seconds,
-    }
-    row["peak"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
-    return row
+    return compiled_memory(compiled, time.perf_counter() - start)
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ class Programs(NamedTuple):
     """A trainer and its jitted programs for one config on one mesh (`compiled_programs`)."""
 
     trainer: Trainer
-    state_shape: TrainState  # jax.ShapeDtypeStruct leaves
+    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with their shardings
     state_sharding: TrainState
     batch_sharding: NamedSharding
     init_fn: jax.stages.Compiled  # rng key -> TrainState
@@ -83,8 +83,8 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     Kept for the newest (config, devices) pair of this process, so another
     `train_and_evaluate` call with the same config (a resume in the same process, a notebook
     re-run) reuses the compiled step. A compiled CPU step is expensive to get even from the
-    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph (minutes
-    for the tiny 8-device test step on 2 cores).
+    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph (the
+    tiny one-device test step: a 145 s load on 2 cores, about its compile time).
     """
     key = _programs_key(config, mesh)
     if key in _PROGRAMS:
@@ -116,7 +116,7 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
     programs = Programs(
         trainer=trainer,
-        state_shape=state_shape,
+        abstract_state=abstract_state,
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
         init_fn=init_fn,
@@ -219,12 +219,7 @@ def train_and_evaluate(
     sharding.wait_for_all_processes(f"cswin_jax_compiled_{next(_BARRIERS)}")
     state_sharding, batch_sharding = programs.state_sharding, programs.batch_sharding
     if latest is not None:
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            programs.state_shape,
-            state_sharding,
-        )
-        state, _ = checkpointer.restore(abstract, train_iter)
+        state, _ = checkpointer.restore(programs.abstract_state, train_iter)
         logging.info("resumed from %s at step %d", ckpt_root, int(state.step))
     else:
         state = programs.init_fn(jax.random.key(config.seed))
