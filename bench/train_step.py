@@ -1,11 +1,14 @@
 """Prints the training step's speed: ms/step and patches/s for the default model.
 
   python bench/train_step.py [--config=configs/gan.py] [--batch_sizes=2,20] [--steps=3]
+      [--r1_step=true] [--config.loss.r1_chunks=4]
 
-One step = one generator update + one discriminator update (Sinkhorn, R1 on its first step),
-gradient accumulation 1, 128x128 patches, compiled once per batch size; the first call
-(compile) is reported separately and excluded from the timing. Runs on whatever JAX finds
-(GPU when present).
+One step = one generator update + one discriminator update (Sinkhorn; lazy R1 on every
+`loss.r1_interval`-th discriminator step), gradient accumulation 1, 128x128 patches. Per batch
+size the step is compiled ahead of time (reported apart), then `--steps` steps without R1 are
+timed (median), then one step with R1 (skipped with `--r1_step=false`). The line gives both, and the mean over one R1 interval
+((r1 + (interval - 1) * plain) / interval), which is what a long run pays per step. Runs on
+whatever JAX finds (GPU when present).
 """
 
 import resource
@@ -13,6 +16,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,48 +25,72 @@ from cswin_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["2", "20"], "batch sizes to time")
-_STEPS = flags.DEFINE_integer("steps", 3, "timed steps per batch size")
+_STEPS = flags.DEFINE_integer("steps", 3, "timed steps without R1 per batch size")
+_R1_STEP = flags.DEFINE_bool("r1_step", True, "time one step with the R1 penalty first")
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _timed(step, state, batch):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return state, metrics, time.perf_counter() - t0
+
+
 def main(argv):
     del argv
-    print(f"devices: {jax.devices()}")
+    print(f"devices: {jax.devices()}", flush=True)
     for batch_size in map(int, _BATCH_SIZES.value):
         config = _CONFIG.value
         config.batch_size = batch_size
         config.gradient_accumulation_steps = 1
         trainer = train.Trainer(config)
         state = jax.jit(trainer.init_state)(jax.random.key(0))
+        interval = max(1, int(config.loss.r1_interval))
+        uses_r1 = bool(config.loss.use_r1) and bool(config.train_discriminator)
+        # Start the discriminator's step count off the R1 grid: the plain steps run first (their
+        # median absorbs the first execution's one-time costs), then one step on the grid.
+        state = state.replace(disc_step=jnp.ones_like(state.disc_step))
         p = config.data.patch_size
         rng = np.random.default_rng(0)
-        batch = {
-            "rgb": rng.uniform(0, 1, (1, batch_size, p, p, 3)).astype(np.float32),
-            "hsi": rng.uniform(0, 1, (1, batch_size, p, p, 31)).astype(np.float32),
-        }
-        batch = jax.device_put(batch)
-        step = jax.jit(trainer.train_step, donate_argnums=(0,))
+        batch = jax.device_put(
+            {
+                "rgb": rng.uniform(0, 1, (1, batch_size, p, p, 3)).astype(np.float32),
+                "hsi": rng.uniform(0, 1, (1, batch_size, p, p, 31)).astype(np.float32),
+            }
+        )
         t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
+        step = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        print(f"batch {batch_size:3d}: compiled in {compile_s:.1f} s", flush=True)
         times = []
         for _ in range(_STEPS.value):
-            t0 = time.perf_counter()
-            state, m = step(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+            state, m, seconds = _timed(step, state, batch)
+            times.append(seconds)
+            print(f"batch {batch_size:3d}: step without R1 {1e3 * seconds:.1f} ms", flush=True)
+        r1_s = None
+        if _R1_STEP.value and uses_r1:
+            state = state.replace(disc_step=jnp.full_like(state.disc_step, interval))
+            state, m, r1_s = _timed(step, state, batch)
+            print(f"batch {batch_size:3d}: step with R1 {1e3 * r1_s:.1f} ms", flush=True)
         ms = 1e3 * statistics.median(times)
+        line = (
+            f"batch {batch_size:3d} patch {p}: {ms:9.1f} ms/step without R1, "
+            f"{batch_size / (ms / 1e3):8.2f} patches/s"
+        )
+        if r1_s is not None:
+            mean_ms = (1e3 * r1_s + (interval - 1) * ms) / interval
+            line += (
+                f"; with R1 {1e3 * r1_s:.1f} ms; mean over the R1 interval of {interval}: "
+                f"{mean_ms:.1f} ms/step, {batch_size / (mean_ms / 1e3):.2f} patches/s"
+            )
         print(
-            f"batch {batch_size:3d} patch {p}: {ms:9.1f} ms/step, "
-            f"{batch_size / (ms / 1e3):8.2f} patches/s (first call incl. compile "
-            f"{compile_s:.1f} s; "
-            f"mixed_precision={config.mixed_precision}, remat={config.model.remat}, "
-            f"peak RSS so far {_peak_rss_gib():.1f} GiB, "
-            f"gen_loss={float(m['gen_loss']):.4f})",
+            f"{line} (compile {compile_s:.1f} s; mixed_precision={config.mixed_precision}, "
+            f"remat={config.model.remat}, r1_chunks={config.loss.get('r1_chunks', 1)}, "
+            f"peak RSS so far {_peak_rss_gib():.1f} GiB, gen_loss={float(m['gen_loss']):.4f})",
             flush=True,
         )
 

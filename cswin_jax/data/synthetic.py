@@ -10,15 +10,18 @@ what `cswin_jax.data.arad` reads for ARAD-1K.
 How a scene is made (all spectra on 400-700 nm at 10 nm, 31 bands):
   1. Materials: measured reflectances bundled with colour-science (colour checkers, CIE/NIST
      test colour samples, the CIE 2017 colour-fidelity set, the rawtoaces 190-patch set),
-     floored at 0.01 so no band of the ground truth is black.
+     floored at 0.01, plus a spectrally flat interface reflection of 2-5 % (dichromatic
+     model), so no material is black in any band.
   2. Layout: a domain-warped Voronoi partition plus soft-edged elliptical objects; borders
      alpha-blend neighbouring materials (linear spectral mixing). Inside each region a smooth
      multi-octave texture mixes in a second material and modulates albedo.
   3. Shading: a low-frequency field in [0.2, 1].
   4. Illuminant: CIE daylight (4000-25000 K), tungsten (A, blackbody 2700-3400 K),
-     fluorescent (FL1-12, FL3.x), LED or high-pressure lamps, or a spatial mixture of two.
-  5. Radiance = reflectance x shading x illuminant, divided by its maximum (ARAD stores
-     [0, 1] cubes; the factor is saved as `norm_factor`).
+     fluorescent (FL1-12, FL3.x), LED or high-pressure lamps, or a spatial mixture of two;
+     plus an ambient fill of CIE daylight (skylight, interreflections) at 4-12 % of the direct
+     light's peak, softly occluded but not shaded.
+  5. Radiance = reflectance x (shading x illuminant + ambient), divided by its maximum (ARAD
+     stores [0, 1] cubes; the factor is saved as `norm_factor`).
   6. RGB as in the NTIRE 2022 challenge: measured camera sensitivities (Nikon 5100, Sigma
      SD Merrill, Canon 5D Mark II), per-channel gains, exposure to mean 0.18 (with jitter),
      Poisson shot noise, Gaussian read noise, 8-bit quantisation and JPEG.
@@ -43,6 +46,8 @@ from PIL import Image
 WAVELENGTHS = np.arange(400, 701, 10)
 NUM_BANDS = len(WAVELENGTHS)
 REFLECTANCE_FLOOR = 0.01
+INTERFACE_REFLECTION = (0.02, 0.05)  # flat first-surface reflectance, per scene
+AMBIENT_FILL = (0.04, 0.12)  # skylight fill relative to the direct light's peak, per scene
 TRAIN_PREFIX = "SYNTH"
 COMPLETE_MARKER = "synthetic.json"
 _MAT73_HEADER = (
@@ -222,6 +227,11 @@ def make_scene(height: int, width: int, rng: np.random.Generator) -> dict:
     albedo = 1.0 + 0.15 * _smooth_noise(rng, height, width, rng.uniform(20, 60), octaves=2)
     reflectance *= albedo.reshape(-1, 1)
     np.clip(reflectance, REFLECTANCE_FLOOR, 1.0, out=reflectance)
+    # Dichromatic model: a spectrally flat interface (first-surface) reflection on top of the
+    # body reflectance, as on dielectric materials (Fresnel ~4 % at normal incidence).
+    interface = np.float32(rng.uniform(*INTERFACE_REFLECTION))
+    reflectance *= 1.0 - interface
+    reflectance += interface
 
     # Shading in [0.2, 1]: low-frequency field plus a planar gradient.
     gy, gx = np.meshgrid(
@@ -243,7 +253,14 @@ def make_scene(height: int, width: int, rng: np.random.Generator) -> dict:
         meta["illuminant"] = f"{family}+{family2}"
     else:
         light = illuminant.astype(np.float32)[None]
-    radiance = reflectance * shading * light
+    # Ambient fill: diffuse skylight and interreflections reach every surface, unshaded by the
+    # direct light's geometry (only softly occluded), so no band is black even under lamps
+    # with next to no blue (LED, high-pressure sodium).
+    sky = library["illuminants"]["daylight"]
+    sky = sky[rng.integers(len(sky))].astype(np.float32)[None]
+    occlusion = np.clip(0.8 + 0.2 * _smooth_noise(rng, height, width, 2.0), 0.5, 1.0)
+    ambient = np.float32(rng.uniform(*AMBIENT_FILL)) * occlusion.reshape(-1, 1)
+    radiance = reflectance * (shading * light + ambient * sky)
     norm_factor = float(radiance.max())
     cube = (radiance / norm_factor).astype(np.float32).reshape(height, width, NUM_BANDS)
 
