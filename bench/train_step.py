@@ -6,9 +6,9 @@
 One step = one generator update + one discriminator update (Sinkhorn; lazy R1 on every
 `loss.r1_interval`-th discriminator step), gradient accumulation 1, 128x128 patches. Per batch
 size the step is compiled ahead of time (reported apart), then `--steps` steps without R1 are
-timed (median), then one step with R1 (skipped with `--r1_step=false`). The line gives both, and the mean over one R1 interval
-((r1 + (interval - 1) * plain) / interval), which is what a long run pays per step. Runs on
-whatever JAX finds (GPU when present).
+timed (median), then one step with R1 (skipped with `--r1_step=false`). The line gives both,
+and the mean over one R1 interval ((r1 + (interval - 1) * plain) / interval), which is what a
+long run pays per step. Runs on whatever JAX finds (GPU when present).
 """
 
 import resource
