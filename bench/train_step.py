@@ -1,14 +1,16 @@
 """Prints the training step's speed: ms/step and patches/s for the default model.
 
   python bench/train_step.py [--config=configs/gan.py] [--batch_sizes=2,20] [--steps=3]
-      [--r1_step=true] [--config.loss.r1_chunks=4]
+      [--r1_step=true] [--config.model.remat=block --config.loss.r1_chunks=4]
 
 One step = one generator update + one discriminator update (Sinkhorn; lazy R1 on every
 `loss.r1_interval`-th discriminator step), gradient accumulation 1, 128x128 patches. Per batch
 size the step is compiled ahead of time (reported apart), then `--steps` steps without R1 are
 timed (median), then one step with R1 (skipped with `--r1_step=false`). The line gives both,
 and the mean over one R1 interval ((r1 + (interval - 1) * plain) / interval), which is what a
-long run pays per step. Runs on whatever JAX finds (GPU when present).
+long run pays per step. Runs on whatever JAX finds (GPU when present). On a 24 GiB CPU host
+batch 20 needs `--config.model.remat=block --config.loss.r1_chunks=4` (15.7 GiB of XLA
+temporaries; the recipe's defaults need 76 GB there, see bench/memory.py).
 """
 
 import resource
@@ -65,7 +67,12 @@ def main(argv):
         t0 = time.perf_counter()
         step = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        print(f"batch {batch_size:3d}: compiled in {compile_s:.1f} s", flush=True)
+        memory = step.memory_analysis()
+        temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "n/a"
+        print(
+            f"batch {batch_size:3d}: compiled in {compile_s:.1f} s, XLA temporaries {temp}",
+            flush=True,
+        )
         times = []
         for _ in range(_STEPS.value):
             state, m, seconds = _timed(step, state, batch)

@@ -62,9 +62,31 @@ _PROGRAMS: dict[tuple, Programs] = {}
 _BARRIERS = itertools.count()
 
 
+# Config entries the compiled programs do not depend on (the host loop, the writers and the
+# data readers use them; `test_host_only_keys_do_not_reach_the_trainer` checks the trainer
+# never reads them). Changing them reuses the kept programs.
+HOST_ONLY_KEYS = (
+    "recipe",
+    "max_consecutive_nonfinite",
+    "log_dir",
+    "checkpoint_dir",
+    "compilation_cache_dir",
+    "checkpoint_every",
+    "checkpoint_keep",
+    "log_every",
+    "init_from",
+    "use_wandb",
+    "wandb_project",
+    "eval",
+)
+PROGRAM_DATA_KEYS = ("patch_size",)  # of config.data, the only one that shapes the programs
+
+
 def _programs_key(config: ml_collections.ConfigDict, mesh) -> tuple:
+    programs_config = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_KEYS}
+    programs_config["data"] = {k: config.data[k] for k in PROGRAM_DATA_KEYS}
     return (
-        json.dumps(config.to_dict(), sort_keys=True, default=repr),
+        json.dumps(programs_config, sort_keys=True, default=repr),
         tuple(int(d.id) for d in mesh.devices.flat),
         jax.process_count(),
     )
@@ -203,25 +225,23 @@ def train_and_evaluate(
     train_iter = pipeline.create_train_iterator(config, data_root)
     valid_scenes = pipeline.load_split(config, data_root, split="valid")
 
-    checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved = checkpointer.restore_config(latest) or {}
-        if _architecture(saved) != _architecture(config_dict):
-            raise ValueError(
-                f"{ckpt_root} holds a checkpoint of another architecture "
-                f"({json.dumps(_architecture(saved))}); use a new --workdir, or start from its "
-                "weights with --config.init_from=PATH"
-            )
+    checkpointer, latest = _open_checkpointer(ckpt_root, config, config_dict)
 
     programs = compiled_programs(config, mesh)
     # Every process has its programs compiled before any of them runs one.
     sharding.wait_for_all_processes(f"cswin_jax_compiled_{next(_BARRIERS)}")
     state_sharding, batch_sharding = programs.state_sharding, programs.batch_sharding
     if latest is not None:
-        state, _ = checkpointer.restore(programs.abstract_state, train_iter)
-        logging.info("resumed from %s at step %d", ckpt_root, int(state.step))
+        state, start = checkpointer.restore(programs.abstract_state, train_iter)
+        logging.info(
+            "resumed from %s at step %d (%d generator updates, %d steps skipped as non-finite)",
+            ckpt_root,
+            start,
+            int(state.step),
+            int(state.nonfinite_total),
+        )
     else:
+        start = 0
         state = programs.init_fn(jax.random.key(config.seed))
         if config.init_from:
             state = _load_initial_weights(state, config.init_from, state_sharding)
@@ -229,8 +249,9 @@ def train_and_evaluate(
     best_mrae = math.inf if best_mrae is None else best_mrae
     step_fn, predict_fn = programs.step_fn, programs.predict_fn
 
+    # Loop steps count the batches consumed and number the checkpoints (`start` is the restored
+    # one's); state.step counts the generator updates applied, lower after a skipped step.
     n_steps = total_steps(config)
-    start = int(state.step)
     accum = config.gradient_accumulation_steps
     patches_per_step = config.batch_size * accum
     history: list[dict] = []
@@ -293,6 +314,60 @@ def train_and_evaluate(
     writer.close()
     progress.close()
     return state
+
+
+def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
+    """The run's checkpointer and the step to resume from (None: a fresh run).
+
+    Checkpoints of this architecture are resumed (`init_from` then only applies to fresh
+    runs, and is ignored with a warning). Checkpoints of another architecture are refused,
+    unless `init_from` is set: then they are moved aside, not deleted, to
+    `<root>.replaced-<k>`, and the run starts afresh from the `init_from` weights.
+    """
+    checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return checkpointer, None
+    saved = _architecture(checkpointer.restore_config(latest) or {})
+    if saved == _architecture(config_dict):
+        if config.init_from:
+            logging.warning(
+                "%s holds checkpoints of this run: resuming at step %d; init_from=%s is "
+                "ignored (it initialises fresh runs only)",
+                ckpt_root,
+                latest,
+                config.init_from,
+            )
+        return checkpointer, latest
+    checkpointer.close()
+    if not config.init_from:
+        raise ValueError(
+            f"{ckpt_root} holds a checkpoint of another architecture ({json.dumps(saved)}); "
+            "use a new --workdir, or pass --config.init_from=PATH to start this one afresh "
+            f"from those weights (its checkpoints are then moved to {ckpt_root}.replaced-<k>)"
+        )
+    # Process 0 moves first; the others then move their own copy where they do not share
+    # its filesystem.
+    sharding.wait_for_all_processes(f"cswin_jax_replace_{next(_BARRIERS)}")
+    if jax.process_index() == 0:
+        _move_aside(ckpt_root)
+    sharding.wait_for_all_processes(f"cswin_jax_replace_{next(_BARRIERS)}")
+    if jax.process_index() != 0 and (ckpt_root / ckpt_lib.TRAIN_SUBDIR).exists():
+        _move_aside(ckpt_root)
+    return ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep), None
+
+
+def _move_aside(root: pathlib.Path) -> pathlib.Path:
+    k = 1
+    while (target := root.with_name(f"{root.name}.replaced-{k}")).exists():
+        k += 1
+    root.rename(target)
+    logging.warning(
+        "moved the checkpoints of another architecture from %s to %s (init_from is set)",
+        root,
+        target,
+    )
+    return target
 
 
 def _model_weights(state: TrainState) -> dict:

@@ -55,9 +55,9 @@ class TrainState:
     disc_spectral_norm: PyTree | None
     opt_state_d: PyTree | None
     rng: jax.Array  # raw uint32 key data (portable through Orbax)
-    nonfinite_streak: jax.Array  # consecutive skipped steps right now
+    nonfinite_streak: jax.Array  # consecutive steps with a skipped (G or D) update right now
     nonfinite_peak: jax.Array  # longest streak seen (checked by the host loop)
-    nonfinite_total: jax.Array
+    nonfinite_total: jax.Array  # steps with a skipped update so far
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,23 +393,18 @@ class Trainer:
         new_ema = jax.tree.map(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params
         )
-        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
             gen_params=_tree_select(finite, new_params, state.gen_params),
             opt_state_g=_tree_select(finite, new_opt, state.opt_state_g),
             ema_params=_tree_select(finite, new_ema, state.ema_params),
             disc_spectral_norm=sn if self.use_disc else None,
-            nonfinite_streak=streak,
-            nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
         out = {
             "gen_loss": gen_loss,
             "gen_grad_norm": grad_norm,
             "lr_g": self.sched_g(state.step),
             "gen_skipped": (~finite).astype(jnp.int32),
-            "nonfinite_total": new_state.nonfinite_total,
         }
         out.update(terms)
 
@@ -453,6 +448,17 @@ class Trainer:
         state, out, hsi_fake = self.generator_step(state, batch)
         state, d_out = self.discriminator_step(state, batch, hsi_fake)
         out = dict(out, **d_out)
+        # A step counts as non-finite when either network's update was skipped.
+        skipped = out["gen_skipped"] > 0
+        if "disc_skipped" in out:
+            skipped = skipped | (out["disc_skipped"] > 0)
+        streak = jnp.where(skipped, state.nonfinite_streak + 1, 0)
+        state = state.replace(
+            nonfinite_streak=streak,
+            nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
+            nonfinite_total=state.nonfinite_total + skipped.astype(jnp.int32),
+        )
+        out["nonfinite_total"] = state.nonfinite_total
         return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
 
     def make_train_step(self, state_sharding, batch_sharding, metric_sharding, donate=True):

@@ -324,6 +324,157 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
     assert steps == [1]
 
 
+def test_host_only_keys_do_not_reach_the_trainer():
+    """The keys `loop.compiled_programs` leaves out of its memo key are never read by the
+    trainer: with them deleted (and config.data cut to the keys that shape the programs) the
+    trainer still builds and traces its initialiser and train step."""
+    config = tiny_config()
+    for key in loop.HOST_ONLY_KEYS:
+        del config[key]
+    data = config.data
+    for key in list(data.keys()):
+        if key not in loop.PROGRAM_DATA_KEYS:
+            del data[key]
+    trainer = train.Trainer(config)
+    state = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    batch = jax.eval_shape(lambda: jax.tree.map(jax.numpy.asarray, make_batch(config, 0)))
+    new_state, _ = jax.eval_shape(trainer.train_step, state, batch)
+    assert int(new_state.step.size) == 1
+    # And the memo key does ignore them.
+    changed = tiny_config()
+    changed.log_every, changed.max_consecutive_nonfinite = 1, 3
+    changed.data.memory_mode = "lazy"
+    mesh = sharding.make_mesh()
+    assert loop._programs_key(changed, mesh) == loop._programs_key(tiny_config(), mesh)
+    changed.ema_decay = 0.5
+    assert loop._programs_key(changed, mesh) != loop._programs_key(tiny_config(), mesh)
+
+
+def _nan_batches(monkeypatch, which):
+    """Makes loop batches number `which(call)` (1-based) non-finite."""
+    calls = {"n": 0}
+    original = loop._stack_micro_batches
+
+    def stack(iterator, n):
+        calls["n"] += 1
+        batch = original(iterator, n)
+        if which(calls["n"]):
+            batch["hsi"][..., 0] = np.nan
+        return batch
+
+    monkeypatch.setattr(loop, "_stack_micro_batches", stack)
+
+
+def _checkpoint_steps(workdir):
+    folder = pathlib.Path(workdir) / "checkpoints" / "train"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+@SLOW
+def test_resume_after_a_skipped_step_continues_from_the_checkpoint(tmp_path, monkeypatch):
+    """Batch 1 is non-finite (skipped: 1 generator update in 2 loop steps); the resumed run
+    continues at loop step 2, not at the update count, and ends at step 4 with 3 updates.
+    Same config as the other loop tests, so it reuses their compiled step."""
+    config = tiny_config()
+    _nan_batches(monkeypatch, lambda call: call == 1)
+    part = loop.train_and_evaluate(config, str(tmp_path / "run"), stop_after=2)
+    assert int(part.step) == 1 and int(part.nonfinite_total) == 1
+    assert _checkpoint_steps(tmp_path / "run") == [2]
+    monkeypatch.undo()
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(resumed.step) == 3 and int(resumed.nonfinite_total) == 1
+    assert _checkpoint_steps(tmp_path / "run") == [2, 4]
+
+
+@SLOW
+def test_loop_stops_after_max_consecutive_nonfinite(tmp_path, monkeypatch):
+    """Every batch non-finite: the loop raises at its next log point, naming the limit and
+    where the last good state is. `max_consecutive_nonfinite` is host-only, so the compiled
+    step of the other loop tests is reused."""
+    config = tiny_config()
+    config.max_consecutive_nonfinite = 2
+    _nan_batches(monkeypatch, lambda call: True)
+    with pytest.raises(FloatingPointError, match="max_consecutive_nonfinite=2"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _toy_state():
+    """A TrainState of toy trees: what the checkpoint helpers below need, nothing compiled."""
+    zero = np.zeros((), np.int32)
+    gen = {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    return train.TrainState(
+        step=zero,
+        disc_step=zero,
+        gen_params=gen,
+        ema_params=gen,
+        opt_state_g={},
+        disc_params={"head": {"kernel": np.ones(4, np.float32)}},
+        disc_spectral_norm={"head": {"u": np.ones(2, np.float32)}},
+        opt_state_d={},
+        rng=np.zeros(2, np.uint32),
+        nonfinite_streak=zero,
+        nonfinite_peak=zero,
+        nonfinite_total=zero,
+    )
+
+
+def test_checkpoints_of_another_architecture_refused_or_moved_aside(tmp_path):
+    root = tmp_path / "checkpoints"
+    other = tiny_config()
+    other.model.base_channels = 32
+    saver = ckpt_lib.TrainCheckpointer(root, keep=2)
+    saver.save(3, _toy_state(), other.to_dict())
+    saver.wait()
+    saver.close()
+
+    config = tiny_config()
+    with pytest.raises(ValueError, match="another architecture.*init_from=PATH"):
+        loop._open_checkpointer(root, config, config.to_dict())
+    assert (root / "train" / "3").is_dir()  # refused: nothing touched
+
+    # Same architecture: resumed, init_from ignored.
+    other.init_from = "/somewhere/converted"
+    checkpointer, latest = loop._open_checkpointer(root, other, other.to_dict())
+    checkpointer.close()
+    assert latest == 3
+
+    # Another architecture with init_from: moved aside (kept), a fresh run starts.
+    config.init_from = "/somewhere/converted"
+    checkpointer, latest = loop._open_checkpointer(root, config, config.to_dict())
+    assert latest is None and checkpointer.latest_step() is None
+    checkpointer.close()
+    assert (tmp_path / "checkpoints.replaced-1" / "train" / "3").is_dir()
+
+
+def test_init_from_loads_weights_and_checks_shapes(tmp_path):
+    state = _toy_state()
+    trained = jax.tree.map(lambda x: x + 1.5, state.gen_params)
+    disc = {
+        "params": jax.tree.map(lambda x: 2 * x, state.disc_params),
+        "spectral_norm": jax.tree.map(lambda x: 3 * x, state.disc_spectral_norm),
+    }
+    path = ckpt_lib.save_model_checkpoint(
+        tmp_path / "converted",
+        generator_params=trained,
+        discriminator_variables=disc,
+        config=tiny_config().to_dict(),
+    )
+    repl = sharding.replicated(sharding.make_mesh())
+    loaded = loop._load_initial_weights(state, str(path), jax.tree.map(lambda _: repl, state))
+    for got, want in (
+        (loaded.gen_params, trained),
+        (loaded.ema_params, trained),  # EMA starts at the loaded weights
+        (loaded.disc_params, disc["params"]),
+        (loaded.disc_spectral_norm, disc["spectral_norm"]),
+    ):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    assert int(loaded.step) == 0  # weights only: optimizer, step and RNG stay fresh
+
+    wrong = state.replace(gen_params={"conv": {"kernel": np.zeros((3, 2), np.float32)}})
+    with pytest.raises(ValueError, match=r"init_from=.*generator weight shape \(2, 3\)"):
+        loop._load_initial_weights(wrong, str(path), jax.tree.map(lambda _: repl, state))
+
+
 def test_unknown_config_key_fails_loudly(tmp_path):
     out = subprocess.run(
         [

@@ -23,6 +23,7 @@ Each host gets b = config.batch_size // process_count patches per batch; the tra
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 from typing import NamedTuple
@@ -32,10 +33,12 @@ import jax
 import numpy as np
 from absl import logging
 
+from cswin_jax import sharding
 from cswin_jax.data import arad, patches, synthetic
 
 SOURCES = ("arad", "synthetic", "tfds")
 SYNTHETIC_FOLDER = "synthetic_data"
+_DATA_BARRIERS = itertools.count()
 
 
 class Scene(NamedTuple):
@@ -62,6 +65,19 @@ def resolve_data_root(config, workdir: str | pathlib.Path) -> pathlib.Path:
                `<data.data_dir>/tfds`), prepared from `data.data_dir` when absent.
     """
     source = _check_source(config)
+    if jax.process_count() > 1:
+        # Process 0 prepares; the others wait for it, then prepare their own copy only where
+        # they do not share its filesystem.
+        if jax.process_index() == 0:
+            root = _prepare_data_root(config, workdir, source)
+        sharding.wait_for_all_processes(f"cswin_jax_data_root_{next(_DATA_BARRIERS)}")
+        if jax.process_index() != 0:
+            root = _prepare_data_root(config, workdir, source)
+        return root
+    return _prepare_data_root(config, workdir, source)
+
+
+def _prepare_data_root(config, workdir, source: str) -> pathlib.Path:
     if source == "synthetic":
         root = pathlib.Path(workdir) / SYNTHETIC_FOLDER
         settings = dict(
