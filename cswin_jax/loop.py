@@ -287,6 +287,7 @@ def train_and_evaluate(
                         "check the data for NaN/Inf."
                     )
             if step % config.iterations_per_epoch == 0 or step == n_steps:
+                val_start = time.time()
                 val = evaluate_scenes(
                     predict_fn,
                     state.ema_params,
@@ -302,6 +303,7 @@ def train_and_evaluate(
                 if val["mrae"] < best_mrae:
                     best_mrae = val["mrae"]
                     checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+                t0 += time.time() - val_start  # patches/s counts training time only
             preempted = stop.signum is not None or (
                 stop_after is not None and step - start >= stop_after
             )
