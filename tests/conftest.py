@@ -22,6 +22,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
+from tests import golden_parity  # noqa: E402
+
 GOLDEN_DIR = pathlib.Path(
     os.environ.get("CSWIN_GOLDEN_DIR", _ROOT.parent / "shared" / "reference" / "golden")
 )
@@ -46,3 +48,28 @@ def pytest_collection_modifyitems(config, items):
     del config
     rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+
+
+@pytest.fixture(autouse=True)
+def _collect_golden_parity(request):
+    """Moves this test's golden-parity records onto its report (they reach the xdist
+    controller that way)."""
+    golden_parity.take()
+    yield
+    for item in golden_parity.take():
+        request.node.user_properties.append(("golden_parity", item))
+
+
+_PARITY_RECORDS: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        _PARITY_RECORDS.extend(v for k, v in report.user_properties if k == "golden_parity")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _PARITY_RECORDS:
+        terminalreporter.section("golden parity (worst per file)")
+        for line in golden_parity.summary_lines(_PARITY_RECORDS):
+            terminalreporter.write_line(line)

@@ -23,6 +23,7 @@ from configs import base
 from cswin_jax import checkpoint, convert
 from cswin_jax.models import discriminator as disc_lib
 from cswin_jax.models import generator as gen_lib
+from tests import golden_parity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5
@@ -86,15 +87,18 @@ def test_round_trip_tiny_reproduces_golden_outputs(tiny_converted, golden_dir):
     forward = jax.jit(lambda p, rgb: gen.apply({"params": p}, rgb, train=False))
     # input 0 (32x32) only: the 37x45 case costs another compile and only re-tests the model
     hsi = np.asarray(forward(gen_params, _nhwc(zg["input/rgb_0"])))
-    np.testing.assert_allclose(hsi.transpose(0, 3, 1, 2), zg["output/eval_0"], rtol=RTOL, atol=ATOL)
+    hsi = hsi.transpose(0, 3, 1, 2)
+    golden_parity.record("generator_tiny", "converted: output/eval_0", hsi, zg["output/eval_0"])
+    np.testing.assert_allclose(hsi, zg["output/eval_0"], rtol=RTOL, atol=ATOL)
 
     disc = disc_lib.build_discriminator(restored.discriminator)
     zd = np.load(golden_dir / "discriminator_tiny.npz")
     rgb, hsi = _nhwc(zd["input/rgb"]), _nhwc(zd["input/hsi"])
     logits, updates = disc.apply(disc_vars, rgb, hsi, train=True, mutable=["spectral_norm"])
-    np.testing.assert_allclose(
-        np.asarray(logits).transpose(0, 3, 1, 2), zd["output/train_0"], rtol=RTOL, atol=ATOL
-    )
+    logits = np.asarray(logits).transpose(0, 3, 1, 2)
+    expected = zd["output/train_0"]
+    golden_parity.record("discriminator_tiny", "converted: output/train_0", logits, expected)
+    np.testing.assert_allclose(logits, zd["output/train_0"], rtol=RTOL, atol=ATOL)
     u = updates["spectral_norm"]["output_proj_0"]["u"]
     np.testing.assert_allclose(
         u, zd["param_after_train_forward/output_proj.0.weight_u"], rtol=RTOL, atol=ATOL

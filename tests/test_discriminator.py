@@ -20,6 +20,7 @@ from flax import traverse_util
 from configs import base
 from cswin_jax.convert import torch_to_flax
 from cswin_jax.models import discriminator as disc_lib
+from tests import golden_parity
 
 RTOL, ATOL = 1e-4, 1e-5
 TINY_CONFIG = {"base_dim": 16, "num_heads": 2, "num_blocks": (1, 1, 1), "mlp_ratio": 2.0}
@@ -40,9 +41,12 @@ def _nhwc(x) -> jnp.ndarray:
     return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
 
 
-def _assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
+def _assert_close(actual, expected, what, rtol=RTOL, atol=ATOL, golden=None):
+    """`golden`: the GoldenRun `expected` comes from (its error is then recorded)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    if golden is not None:
+        golden_parity.record(golden.file, what, actual, expected)
     worst = np.abs(actual - expected).max()
     np.testing.assert_allclose(
         actual, expected, rtol=rtol, atol=atol, err_msg=f"{what}: max|d|={worst:.3g}"
@@ -57,6 +61,7 @@ class GoldenRun:
     """Runs the golden call sequence once per file; tests read the results."""
 
     def __init__(self, golden_dir, name):
+        self.file = f"discriminator_{name}"
         self.z = np.load(golden_dir / f"discriminator_{name}.npz")
         manifest = json.loads((golden_dir / "manifest.json").read_text())
         cfg = manifest["files"][f"discriminator_{name}.npz"]["config"]
@@ -112,13 +117,13 @@ def test_param_count_matches_golden_file(golden):
 )
 def test_outputs_after_power_iteration_match(golden, key):
     # These are the real end-to-end checks (SPEC §14.1-2): they catch tanh-GELU and LN eps.
-    _assert_close(_nchw(getattr(golden, key.split("/")[1])), golden.z[key], key)
+    _assert_close(_nchw(getattr(golden, key.split("/")[1])), golden.z[key], key, golden=golden)
 
 
 def test_eval_at_init_matches(golden):
     # Every element sits at the +-10 clamp (stored u, v give a tiny signed sigma), so this only
     # checks the sign pattern and the clamp; act/* below checks the pre-clamp values.
-    _assert_close(_nchw(golden.eval_0), golden.z["output/eval_0"], "output/eval_0")
+    _assert_close(_nchw(golden.eval_0), golden.z["output/eval_0"], "output/eval_0", golden=golden)
     assert golden.eval_0.dtype == jnp.float32
 
 
@@ -132,7 +137,9 @@ def test_power_iteration_state_matches(golden, group, which):
     assert len(names) == len(state), f"{group}: {len(names)} golden u/v vs {len(state)} flax"
     for name in names:
         module, leaf = name.rsplit(".weight_", 1)
-        _assert_close(state[(*_flax_module(module), leaf)], golden.z[f"{group}/{name}"], name)
+        _assert_close(
+            state[(*_flax_module(module), leaf)], golden.z[f"{group}/{name}"], name, golden=golden
+        )
 
 
 @pytest.mark.parametrize(
@@ -146,7 +153,7 @@ def test_sigmas_match(golden, group, which):
     assert len(names) == len(sigmas)
     actual = np.array([sigmas["/".join(_flax_module(n))] for n in names])
     expected = np.array([golden.z[f"debug/{group}/{n}"] for n in names])
-    _assert_close(actual, expected, group)
+    _assert_close(actual, expected, f"sigmas {group}", golden=golden)
     if group == "sigma_initial":
         assert (expected < 0).any(), "golden start state should include negative sigmas"
     else:
@@ -171,7 +178,7 @@ def test_activations_tiny(golden_tiny):
             actual = g.intermediates[("output_proj_2", "__call__")][0]
         else:
             actual = g.intermediates[(*_flax_module(name), "__call__")][0]
-        _assert_close(_nchw(actual), ref, f"act/{name}", atol=1e-5 * np.abs(ref).max())
+        _assert_close(_nchw(actual), ref, f"act/{name}", atol=1e-5 * np.abs(ref).max(), golden=g)
     assert np.abs(g.z["act/output_proj"]).max() > 10  # pre-clamp really is pre-clamp
 
 

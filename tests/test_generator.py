@@ -26,6 +26,7 @@ from cswin_jax.models.generator import (
     output_head,
 )
 from cswin_jax.models.layers import checkpointed_call, gelu
+from tests import golden_parity
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -60,9 +61,11 @@ def _model_from_manifest(config, **overrides):
     return build_generator(cfg)
 
 
-def _assert_close(actual, expected, what, rtol=RTOL, atol=ATOL):
+def _assert_close(actual, expected, what, rtol=RTOL, atol=ATOL, golden="generator_tiny"):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    if golden is not None:  # None: a comparison within the port, not against golden data
+        golden_parity.record(golden, what, actual, expected)
     err = np.max(np.abs(actual - expected))
     np.testing.assert_allclose(
         actual, expected, rtol=rtol, atol=atol, err_msg=f"{what}: max|d|={err:.3g}"
@@ -306,9 +309,12 @@ def test_iteration_step_can_be_traced(tiny):
         )
 
 
+DEFAULT = "generator_default"
+
+
 @pytest.fixture(scope="module")
 def default_golden(golden_dir):
-    model, arrays, manifest, variables = _load_golden(golden_dir, "generator_default")
+    model, arrays, manifest, variables = _load_golden(golden_dir, DEFAULT)
     assert manifest["param_count"] == 13_580_732
     return model, arrays, variables
 
@@ -319,8 +325,10 @@ def test_default_outputs_match_golden(default_golden):
     rgb = _nhwc(arrays["input/rgb_0"])
     fn = jax.jit(lambda v, x, k: model.apply(v, x, train=True, step=k))
     out = fn(variables, rgb, 5000)
-    _assert_close(_nchw(out), arrays["output/train_0"], "default output/train_0")
-    _assert_close(_nchw(out), arrays["output/eval_0"], "default output/eval_0 (clamp inactive)")
+    _assert_close(_nchw(out), arrays["output/train_0"], "output/train_0", golden=DEFAULT)
+    _assert_close(
+        _nchw(out), arrays["output/eval_0"], "output/eval_0 (clamp inactive)", golden=DEFAULT
+    )
 
 
 def test_odd_sizes_and_full_frame_are_finite(tiny):
@@ -361,7 +369,7 @@ def test_jit_matches_plain_forward(micro):
     # Same float32 ops; XLA fuses/reorders under jit, so rounding-level differences relative
     # to the output scale (the random weights give outputs of ~10).
     scale = float(np.abs(np.asarray(plain)).max())
-    _assert_close(jitted, plain, "jit vs plain", rtol=1e-4, atol=1e-5 * scale)
+    _assert_close(jitted, plain, "jit vs plain", rtol=1e-4, atol=1e-5 * scale, golden=None)
 
 
 def test_remat_policies_give_identical_values_and_gradients():
@@ -402,7 +410,7 @@ def test_remat_policies_give_identical_values_and_gradients():
         # Same ops; XLA may fuse the recomputation differently: float32 rounding only.
         np.testing.assert_allclose(float(value), float(base_value), rtol=1e-6)
         jax.tree.map(
-            lambda a, b, what=what: _assert_close(a, b, what, rtol=1e-4, atol=1e-6),
+            lambda a, b, what=what: _assert_close(a, b, what, rtol=1e-4, atol=1e-6, golden=None),
             grads,
             base_grads,
         )

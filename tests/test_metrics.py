@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import metrics
+from tests import golden_parity
 
 STRICT = 1e-6
 SAM_REAL_PAIRS = 1e-4
@@ -35,6 +36,7 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
 
 def _check(name: str, value, ref, what: str) -> None:
     value, ref = float(value), float(ref)
+    golden_parity.record("metrics", what, value, ref)
     if ref == 0.0:
         assert value == 0.0, f"{what}: {value} vs 0"
         return

@@ -1,0 +1,108 @@
+"""Configs (`configs/*.py`): the original trainer's keys and defaults, env paths, recipes."""
+
+import ml_collections
+import pytest
+
+from configs import base, gan, optimized, quickstart
+
+# The original trainer's flat keys and defaults (issue #2 item 8), with where each lives here.
+ORIGINAL_DEFAULTS = {
+    "seed": 42,
+    "batch_size": 20,
+    "data.val_batch_size": 1,
+    "data.patch_size": 128,
+    "data.stride": 8,
+    "epochs": 300,
+    "iterations_per_epoch": 1000,
+    "gradient_accumulation_steps": 2,
+    "data.num_workers": 2,
+    "n_critic": 1,
+    "mixed_precision": True,
+    "data.memory_mode": "standard",
+    "optim.warmup_steps": 2000,
+    "optim.generator_lr": 2e-4,
+    "optim.discriminator_lr": 5e-5,
+    "sinkhorn.epsilon": 0.1,
+    "sinkhorn.iters": 50,
+    "sinkhorn.max_points": 1024,
+    "sinkhorn.kernel_clamp": 60.0,
+    "sinkhorn.force_fp32": True,
+    "sinkhorn.loss_clip": 5.0,
+    "loss.use_r1": True,
+    "loss.r1_gamma": 10.0,
+    "loss.lambda_rec": 1.0,
+    "loss.lambda_perceptual": 0.0,
+    "loss.lambda_adversarial": 0.1,
+    "loss.lambda_sam": 0.05,
+    "checkpoint_keep": 5,
+    "model.in_channels": 3,
+    "model.out_channels": 31,
+    "model.base_channels": 64,
+    "model.split_sizes": (7, 7, 7),
+    "model.norm_groups": 8,
+    "model.num_heads": 4,
+    "model.output_activation": "none",
+    "model.activation_delay_iters": 20000,
+    "model.clamp_range": 10.0,
+    "model.clamp_after_iters": 0,
+    "discriminator.base_dim": 64,
+    "discriminator.num_heads": 8,
+    "discriminator.num_blocks": (2, 2, 2),
+    "discriminator.mlp_ratio": 2.0,
+    "discriminator.dropout": 0.0,
+    "data.excluded_scenes": ["ARAD_1K_0314"],
+}
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("module", [base, gan])
+def test_original_defaults(module):
+    config = module.get_config()
+    assert isinstance(config, ml_collections.ConfigDict)
+    for key, value in ORIGINAL_DEFAULTS.items():
+        got = _get(config, key)
+        assert got == value and type(got) is type(value), f"{key}: {got!r} != {value!r}"
+
+
+def test_paths_default_from_the_environment(monkeypatch, tmp_path):
+    for var in ("HSI_DATA_DIR", "HSI_LOG_DIR", "HSI_CKPT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    config = base.get_config()
+    assert config.data.data_dir == "./data/ARAD_1K"
+    assert config.log_dir == "./artifacts/logs"
+    assert config.checkpoint_dir == "./artifacts/checkpoints"
+    monkeypatch.setenv("HSI_DATA_DIR", str(tmp_path / "arad"))
+    monkeypatch.setenv("HSI_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("HSI_CKPT_DIR", str(tmp_path / "ckpt"))
+    config = base.get_config()  # read at call time
+    assert config.data.data_dir == str(tmp_path / "arad")
+    assert config.log_dir == str(tmp_path / "logs")
+    assert config.checkpoint_dir == str(tmp_path / "ckpt")
+
+
+def test_recipes():
+    g, o, q = gan.get_config(), optimized.get_config(), quickstart.get_config()
+    assert (g.recipe, o.recipe, q.recipe) == ("gan", "optimized", "quickstart")
+    # gan: the Sinkhorn-GAN defaults.
+    assert g.train_discriminator and (g.optim.b1, g.optim.b2) == (0.5, 0.999)
+    assert g.ema_decay == 0.999 and g.optim.end_lr == 1e-6
+    # optimized: generator only, Charbonnier, Adam (0.9, 0.999) 4e-4, cosine over 300k, remat.
+    assert not o.train_discriminator and o.loss.lambda_adversarial == 0.0
+    assert (o.optim.b1, o.optim.b2, o.optim.generator_lr) == (0.9, 0.999, 4e-4)
+    assert o.optim.total_steps == 300_000 and o.model.remat != "none"
+    # quickstart: synthetic data, small widths, a few hundred steps.
+    assert q.data.source == "synthetic" and q.model.base_channels < 64
+    assert q.epochs * q.iterations_per_epoch <= 1000
+
+
+def test_configs_are_locked_against_typos():
+    """A misspelt key fails at override time (config_flags locks the ConfigDict)."""
+    config = base.get_config()
+    config.lock()
+    with pytest.raises(AttributeError, match="batch_sizee"):
+        config.batch_sizee = 4
