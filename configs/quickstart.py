@@ -1,4 +1,4 @@
-"""Quick start: a small Sinkhorn-GAN on the embedded synthetic data, about 13 min on 2 CPU cores.
+"""Quick start: a small Sinkhorn-GAN on the embedded synthetic data, 10-13 min on 2 CPU cores.
 
 Generates 8 training and 2 validation 482x512 synthetic scenes into the workdir on first use
 (no download), trains a narrow generator and discriminator for 300 steps on 32x32 patches and
