@@ -14,7 +14,8 @@ donated. Batch 20 is one micro-batch (the default recipe's gradient accumulation
 Sinkhorn divergences, R1 in its lazy `lax.cond`, EMA, non-finite skips), per policy and per
 `loss.r1_chunks`. Measured on 2 CPU cores, configs/gan.py, batch 20, block (XLA temp / peak,
 GiB): r1_chunks 1: 32.05 / 32.32 (the step then fails to allocate on a 24 GiB machine);
-r1_chunks 4: 15.70 / 15.97. Compile 280-340 s each.
+r1_chunks 4: 15.70 / 15.97; with `--disc_remat on`: r1_chunks 4: 14.71 / 14.98, r1_chunks 20:
+10.49 / 10.76. Compile 230-340 s each.
 
 Prints, per generator `model.remat` policy, XLA's `compiled.memory_analysis()`: temp
 (intermediates and activations kept for the backward pass), argument, output, alias (outputs
