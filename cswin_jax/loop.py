@@ -348,18 +348,19 @@ def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
             "use a new --workdir, or pass --config.init_from=PATH to start this one afresh "
             f"from those weights (its checkpoints are then moved to {ckpt_root}.replaced-<k>)"
         )
-    # Process 0 moves first; the others then move their own copy where they do not share
-    # its filesystem.
+    # Every process has closed its checkpointer before any moves the folder.
     sharding.wait_for_all_processes(f"cswin_jax_replace_{next(_BARRIERS)}")
-    if jax.process_index() == 0:
-        _move_aside(ckpt_root)
-    sharding.wait_for_all_processes(f"cswin_jax_replace_{next(_BARRIERS)}")
-    if jax.process_index() != 0 and (ckpt_root / ckpt_lib.TRAIN_SUBDIR).exists():
-        _move_aside(ckpt_root)
+    sharding.process_zero_first(
+        f"cswin_jax_replace_{next(_BARRIERS)}", lambda: _move_aside(ckpt_root)
+    )
     return ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep), None
 
 
-def _move_aside(root: pathlib.Path) -> pathlib.Path:
+def _move_aside(root: pathlib.Path) -> pathlib.Path | None:
+    """Renames `root` to `<root>.replaced-<k>`; None when it holds no training checkpoints
+    (already moved by process 0 on a shared filesystem)."""
+    if not (root / ckpt_lib.TRAIN_SUBDIR).exists():
+        return None
     k = 1
     while (target := root.with_name(f"{root.name}.replaced-{k}")).exists():
         k += 1

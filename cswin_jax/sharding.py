@@ -68,3 +68,17 @@ def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
     """
     if jax.process_count() > 1:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
+def process_zero_first(name: str, fn):
+    """Runs `fn()` on process 0, then (after a barrier `name`) on every other process.
+
+    For idempotent preparation of shared files (data generation, moving checkpoints): where
+    the processes share process 0's filesystem, `fn` finds the work done; elsewhere each does
+    its own. Returns this process's `fn()` result; with one process, just `fn()`.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    result = fn() if jax.process_index() == 0 else None
+    wait_for_all_processes(name)
+    return result if jax.process_index() == 0 else fn()

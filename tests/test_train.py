@@ -316,12 +316,7 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_stack_micro_batches", stack_and_signal)
     state = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 1
-    steps = sorted(
-        int(p.name)
-        for p in (tmp_path / "run" / "checkpoints" / "train").iterdir()
-        if p.name.isdigit()
-    )
-    assert steps == [1]
+    assert _checkpoint_steps(tmp_path / "run") == [1]
 
 
 def test_host_only_keys_do_not_reach_the_trainer():

@@ -65,16 +65,10 @@ def resolve_data_root(config, workdir: str | pathlib.Path) -> pathlib.Path:
                `<data.data_dir>/tfds`), prepared from `data.data_dir` when absent.
     """
     source = _check_source(config)
-    if jax.process_count() > 1:
-        # Process 0 prepares; the others wait for it, then prepare their own copy only where
-        # they do not share its filesystem.
-        if jax.process_index() == 0:
-            root = _prepare_data_root(config, workdir, source)
-        sharding.wait_for_all_processes(f"cswin_jax_data_root_{next(_DATA_BARRIERS)}")
-        if jax.process_index() != 0:
-            root = _prepare_data_root(config, workdir, source)
-        return root
-    return _prepare_data_root(config, workdir, source)
+    return sharding.process_zero_first(
+        f"cswin_jax_data_root_{next(_DATA_BARRIERS)}",
+        lambda: _prepare_data_root(config, workdir, source),
+    )
 
 
 def _prepare_data_root(config, workdir, source: str) -> pathlib.Path:
