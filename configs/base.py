@@ -176,4 +176,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.tile_size = 128
     c.eval.tile_overlap = 16
     c.eval.tile_batch_size = 4
+    # The per-pixel polynomial floor (cswin_jax/floor.py), fit on floor_pixels training
+    # pixels drawn with floor_seed: logged as floor/order<k>/* scalars when a fresh run starts
+    # (floor=False skips it) and printed by evaluate beside the model.
+    c.eval.floor = True
+    c.eval.floor_orders = (1, 2, 3)
+    c.eval.floor_pixels = 32768
+    c.eval.floor_seed = 0
     return c

@@ -2,7 +2,7 @@
 
 Usage:
   python -m cswin_jax.evaluate --checkpoint runs/gan --data_dir $HSI_DATA_DIR \
-      [--split valid] [--tiled] [--ensemble] [--figures] [--output DIR]
+      [--split valid] [--tiled] [--ensemble] [--figures] [--output DIR] [--no-floor]
 
 Every scene of the split is predicted on its full frame (or tiled with --tiled, 8-way
 self-ensemble with --ensemble) and scored by `cswin_jax.metrics.center_crop_metrics`: the
@@ -13,7 +13,10 @@ clamped). Scenes without a ground-truth cube are predicted only and reported as 
 Writes to --output (default `<checkpoint>/eval_<split>`):
   * metrics.csv: one row per scene (stem, has_ground_truth, the metrics, seconds).
   * summary.json: mean and std of every metric over scored scenes, the worst and best scenes
-    by MRAE, the unscored scenes and the settings.
+    by MRAE, the unscored scenes, the settings, and `floor`: the per-pixel polynomial floor
+    (`cswin_jax.floor`, orders 1-3 fit on the training split, scored like the model on the
+    same scenes; printed as rows under the model's), or {"skipped": why} when the dataset
+    has no training split. `--no-floor` leaves it out.
   * figures/ with --figures: per-scene figures of the worst and best scenes and a histogram
     of the per-scene metrics (`cswin_jax.viz`).
 """
@@ -53,18 +56,36 @@ def scored_window(height: int, width: int) -> tuple[int, int, int, int] | None:
 
 
 @functools.cache
-def _jitted_metrics():
-    return jax.jit(functools.partial(metrics.center_crop_metrics, clamp_predictions=True))
+def _jitted_metrics(clamp_predictions: bool):
+    return jax.jit(
+        functools.partial(metrics.center_crop_metrics, clamp_predictions=clamp_predictions)
+    )
 
 
-def score_scene(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> dict[str, float]:
-    """Centre-crop protocol metrics, raw and clamped. hsi_*: [H, W, 31]."""
+def score_scene(
+    hsi_pred: np.ndarray, hsi_true: np.ndarray, clamp_predictions: bool = True
+) -> dict[str, float]:
+    """Centre-crop protocol metrics, raw and (by default) clamped. hsi_*: [H, W, 31]."""
     if hsi_pred.shape != hsi_true.shape:
         raise ValueError(
             f"prediction {hsi_pred.shape} and ground truth {hsi_true.shape} differ in shape"
         )
-    values = _jitted_metrics()(hsi_pred, hsi_true)
+    values = _jitted_metrics(bool(clamp_predictions))(hsi_pred, hsi_true)
     return {name: float(value) for name, value in values.items()}
+
+
+def scene_loader(scenes: Any) -> tuple[int, list[str], Callable]:
+    """(count, stems, load) of `scenes`: an object with `len`, `stems` and `load(i) -> (rgb,
+    hsi or None)` (`cswin_jax.data.pipeline.open_scenes`), or a sequence of (stem, rgb, hsi
+    or None)."""
+    if hasattr(scenes, "load"):
+        return len(scenes), list(scenes.stems), scenes.load
+    items = list(scenes)
+
+    def load(i):
+        return items[i][1], items[i][2]
+
+    return len(items), [item[0] for item in items], load
 
 
 def _progress(iterable: Iterable, total: int, description: str):
@@ -90,23 +111,14 @@ def evaluate_scenes(
 
     Args:
       apply_fn: `[N, h, w, 3] -> [N, h, w, 31]` (e.g. from `inference.load_generator`).
-      scenes: `len(scenes)`, `scenes.stems` and `scenes.load(i) -> (rgb [H, W, 3], hsi or None)`
-        (`cswin_jax.data.pipeline.open_scenes`), or a sequence of (stem, rgb, hsi or None).
+      scenes: see `scene_loader`.
       on_prediction: called as (row, rgb, prediction, truth or None) after each scene, with
         `row` the scene's result dict (below).
 
     Returns:
       one dict per scene: stem, has_ground_truth, the metrics (absent without truth), seconds.
     """
-    if hasattr(scenes, "load"):
-        count, stems, load = len(scenes), list(scenes.stems), scenes.load
-    else:
-        items = list(scenes)
-        count, stems = len(items), [item[0] for item in items]
-
-        def load(i):
-            return items[i][1], items[i][2]
-
+    count, stems, load = scene_loader(scenes)
     rows = []
     for i in _progress(range(count), count, "evaluate"):
         rgb, hsi_true = load(i)
@@ -186,7 +198,8 @@ def write_results(
 
 
 def format_table(rows: Sequence[dict], summary: dict) -> str:
-    """A plain-text table: one line per scene, then mean and std."""
+    """A plain-text table: one line per scene, then mean and std, then the per-pixel floor's
+    rows (`summary["floor"]`, when there) or the line saying why it was skipped."""
     names = [n for n in _metric_names(rows) if n.split("_")[0] in ("mrae", "rmse", "psnr", "sam")]
     header = f"{'scene':<20}" + "".join(f"{n:>15}" for n in names)
     lines = [header, "-" * len(header)]
@@ -202,7 +215,37 @@ def format_table(rows: Sequence[dict], summary: dict) -> str:
             cells = "".join(f"{summary[stat][n]:>15.5g}" for n in names)
             label = f"{stat} ({summary['num_scored']} scenes)"
             lines.append(f"{label:<20}{cells}")
+    floor_summary = summary.get("floor")
+    if floor_summary is not None and "skipped" in floor_summary:
+        lines.append(f"floor: skipped, {floor_summary['skipped']}")
+    elif floor_summary is not None:
+        from cswin_jax import floor  # noqa: PLC0415
+
+        lines += floor.format_rows(floor_summary, names)
+        lines.append(f"({floor.describe(floor_summary)})")
     return "\n".join(lines)
+
+
+def floor_summary(config, data_root, scenes, rows: Sequence[dict]) -> dict[str, Any]:
+    """The per-pixel floor (`cswin_jax.floor`) fit on the dataset's training split and scored
+    on `scenes` (the evaluated split), or {"skipped": why} when there is no training split or
+    nothing of `scenes` has ground truth. `rows`: the model's rows of `scenes`."""
+    from cswin_jax import floor  # noqa: PLC0415
+
+    if not any(row["has_ground_truth"] for row in rows):
+        reason = "no scene of the split has a ground-truth cube to score it on"
+        logging.info("floor: skipped, %s", reason)
+        return {"skipped": reason}
+    train_scenes, missing = floor.open_train_split(config, data_root)
+    if train_scenes is None:
+        reason = f"the dataset has no training split to fit it on ({missing})"
+        logging.info("floor: skipped, %s", reason)
+        return {"skipped": reason}
+    result = floor.evaluate_floor(
+        train_scenes, scenes, clamp_predictions=True, **floor.settings(config)
+    )
+    logging.info("floor: fit and scored in %.1f s", result["seconds"])
+    return result
 
 
 def write_figures(
@@ -266,8 +309,12 @@ def evaluate_checkpoint(
     use_ema: bool = True,
     data_source: str = "arad",
     step: int | None = None,
+    floor: bool = True,
 ) -> dict[str, Any]:
     """Restores a checkpoint, evaluates every scene of `split`, writes the results.
+
+    floor: also fit the per-pixel floor on the dataset's training split and score it on
+      `split` (`floor_summary`; skipped with the reason when the dataset has no training split).
 
     Returns the summary (also written to summary.json), with `output_dir` added.
     """
@@ -327,6 +374,8 @@ def evaluate_checkpoint(
         "use_ema": use_ema,
         "protocol": "centre 226x256 window (metrics.center_crop_metrics); raw and clamped [0, 1]",
     }
+    if floor:
+        summary["floor"] = floor_summary(config, data_root, scenes, rows)
     csv_path, json_path = write_results(output, rows, summary)
     if keeper is not None:
         summary["figures"] = [str(p) for p in write_figures(output / "figures", rows, keeper.kept)]
@@ -369,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data_source", choices=("arad", "tfds"), default="arad")
     parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rows of the per-pixel polynomial floor fit on the training split (default on)",
+    )
+    parser.add_argument(
         "--step",
         type=int,
         default=None,
@@ -392,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         use_ema=args.use_ema,
         data_source=args.data_source,
         step=args.step,
+        floor=args.floor,
     )
 
 

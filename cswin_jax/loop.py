@@ -195,10 +195,47 @@ def evaluate_scenes(
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def log_floor(config: ml_collections.ConfigDict, writer, train_scenes, valid_scenes) -> dict:
+    """Fits the per-pixel polynomial floor (`cswin_jax.floor`, `config.eval.floor_*`) on the
+    training split, scores it on `valid_scenes` as validation scores the model (clamped
+    metrics too when `config.eval.clamp_predictions`) and writes `floor/order<k>/<metric>`
+    scalars at step 0, the reference lines of the `val/` curves. Returns the floor summary.
+    """
+    from cswin_jax import floor  # noqa: PLC0415
+
+    summary = floor.evaluate_floor(
+        train_scenes,
+        valid_scenes,
+        clamp_predictions=config.eval.clamp_predictions,
+        **floor.settings(config),
+    )
+    scalars = {
+        f"floor/order{result['order']}/{name}": value
+        for result in summary["orders"]
+        for name, value in result["mean"].items()
+    }
+    writer.scalars(0, scalars)
+    logging.info(
+        "per-pixel floor on %d validation scenes (polynomial least squares on %d training "
+        "pixels, %.1f s): %s",
+        summary["orders"][0]["num_scored"] if summary["orders"] else 0,
+        summary["num_pixels"],
+        summary["seconds"],
+        " | ".join(
+            f"order {r['order']} mrae={r['mean'].get('mrae', math.nan):.4g} "
+            f"psnr={r['mean'].get('psnr', math.nan):.4g}"
+            for r in summary["orders"]
+        ),
+    )
+    return summary
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | None, *, stop_after: int | None = None
 ) -> TrainState:
     """Trains (resuming from the newest checkpoint), validates and checkpoints.
+
+    A fresh run first logs the per-pixel floor (`log_floor`, with `config.eval.floor`).
 
     Args:
       config: a config from `configs/`.
@@ -222,10 +259,14 @@ def train_and_evaluate(
     config_dict = config.to_dict()
 
     data_root = pipeline.resolve_data_root(config, workdir or log_dir)
-    train_iter = pipeline.create_train_iterator(config, data_root)
+    train_scenes = pipeline.open_scenes(config, data_root, "train")
+    train_iter = pipeline.create_train_iterator(config, data_root, scenes=train_scenes)
     valid_scenes = pipeline.load_split(config, data_root, split="valid")
 
     checkpointer, latest = _open_checkpointer(ckpt_root, config, config_dict)
+    if latest is None and is_chief and config.eval.floor:
+        # Before the compile: the other processes compile meanwhile, then all meet below.
+        log_floor(config, writer, train_scenes, valid_scenes)
 
     programs = compiled_programs(config, mesh)
     # Every process has its programs compiled before any of them runs one.

@@ -237,16 +237,22 @@ def create_train_iterator(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    scenes=None,
 ):
     """Endless iterator of per-host training batches.
 
     Yields {'rgb': [b, P, P, 3] float32, 'hsi': [b, P, P, 31] float32}, b = batch_size //
     process_count. Supports `get_state()` / `set_state()` and grain.checkpoint.CheckpointSave.
     With data.num_workers > 0, batches are made in worker processes (call `close()` when
-    done); the batch sequence does not depend on the worker count.
+    done); the batch sequence does not depend on the worker count. `scenes` (optional)
+    reuses an already opened training split.
     """
     dataset = train_dataset(
-        config, data_root, process_index=process_index, process_count=process_count
+        config,
+        data_root,
+        process_index=process_index,
+        process_count=process_count,
+        scenes=scenes,
     )
     buffer = max(1, config.data.prefetch_buffer_size)
     threads = max(1, min(os.cpu_count() or 1, buffer))

@@ -1,0 +1,405 @@
+"""The per-pixel regression floor: polynomial least squares from RGB to the 31 bands.
+
+A model that reconstructs spectra from RGB should beat the best per-pixel polynomial fit of
+its own training data; this module fits that floor and scores it the way models are scored,
+so every table and validation curve has its reference:
+
+* Features: the monomials of a pixel's RGB of total degree <= `order`: order 1 is
+  [1, r, g, b] (linear + bias, 4 features), order 2 adds the 6 degree-2 monomials (10),
+  order 3 the 10 degree-3 ones (20). RGB is what the data readers deliver
+  (`arad.normalize_rgb`, the MST++ per-image min-max), so the floor sees the model's input.
+* Fit: `num_pixels` training pixels drawn without replacement, an equal share per training
+  scene (`sample_pixels`, a numpy generator seeded with `seed`: deterministic). Every feature
+  but the constant is standardised with its mean and standard deviation over those pixels
+  (the same polynomial space, a far better conditioned system), then `np.linalg.lstsq`
+  solves for all bands at once in float64.
+* Score: each scene of the scored split is predicted on its full frame and scored by
+  `evaluate.score_scene` (the centre-crop protocol of `metrics.center_crop_metrics`, raw and
+  optionally clamped to [0, 1]); mean and std over scenes by `evaluate.summarize`.
+
+It shows up in `python -m cswin_jax.evaluate` (rows beside the model's, `--floor`), at the
+start of training (`floor/order<k>/<metric>` TensorBoard scalars at step 0, config
+`eval.floor`), in `viz.plot_validation_curve` (reference lines), and on its own:
+
+  python -m cswin_jax.floor --data_dir $HSI_DATA_DIR [--data_source tfds] [--split valid]
+  python -m cswin_jax.floor --config configs/quickstart.py --workdir /tmp/cswin_quickstart
+
+printing one row per order (`--orders`, `--pixels`, `--seed`; `--output floor.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cswin_jax import evaluate
+from cswin_jax.data import arad
+
+ORDERS = (1, 2, 3)
+ORDER_NAMES = {1: "linear + bias", 2: "quadratic", 3: "cubic"}
+TABLE_METRICS = ("mrae", "rmse", "psnr", "sam")  # the columns `evaluate.format_table` shows
+
+
+def monomials(order: int) -> list[tuple[int, ...]]:
+    """Channel index tuples of the non-constant monomials of degree <= `order`, by degree:
+    order 2 -> (0,), (1,), (2,), (0, 0), (0, 1), ..., (2, 2)."""
+    if order not in ORDERS:
+        raise ValueError(f"polynomial order {order!r}: use one of {ORDERS}")
+    return [
+        combo
+        for degree in range(1, order + 1)
+        for combo in itertools.combinations_with_replacement(range(3), degree)
+    ]
+
+
+def polynomial_features(rgb: np.ndarray, order: int) -> np.ndarray:
+    """rgb: [N, 3] -> [N, F] float64, the monomials of `monomials(order)` (no constant)."""
+    rgb = np.asarray(rgb, np.float64)
+    columns = [np.prod(rgb[:, list(combo)], axis=1) for combo in monomials(order)]
+    return np.stack(columns, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialFloor:
+    """A fitted per-pixel polynomial map RGB -> bands.
+
+    Attributes:
+      order: polynomial order (1, 2 or 3).
+      feature_mean, feature_scale: [F] standardisation of the monomial features.
+      weights: [F + 1, bands] float64 on [1, standardised features].
+    """
+
+    order: int
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return f"order {self.order} ({ORDER_NAMES[self.order]})"
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """rgb: [..., 3] float in [0, 1] (normalised as the readers do) -> [..., bands] float32."""
+        rgb = np.asarray(rgb)
+        flat = rgb.reshape(-1, 3)
+        features = (polynomial_features(flat, self.order) - self.feature_mean) / self.feature_scale
+        hsi = features @ self.weights[1:] + self.weights[0]
+        return hsi.astype(np.float32).reshape(*rgb.shape[:-1], self.weights.shape[1])
+
+
+def fit(rgb: np.ndarray, hsi: np.ndarray, order: int) -> PolynomialFloor:
+    """Least-squares polynomial fit of `order`. rgb: [N, 3], hsi: [N, bands]."""
+    rgb, hsi = np.asarray(rgb), np.asarray(hsi, np.float64)
+    if rgb.ndim != 2 or rgb.shape[1] != 3 or hsi.ndim != 2 or len(hsi) != len(rgb):
+        raise ValueError(f"floor fit: expected rgb [N, 3] and hsi [N, bands], got {rgb.shape} "
+                         f"and {hsi.shape}")  # fmt: skip
+    features = polynomial_features(rgb, order)
+    if len(features) <= features.shape[1]:
+        raise ValueError(
+            f"floor fit: {len(features)} pixels for {features.shape[1] + 1} order-{order} "
+            "coefficients per band; sample more pixels (eval.floor_pixels / --pixels)"
+        )
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature: lstsq's minimum norm
+    design = np.concatenate([np.ones((len(features), 1)), (features - mean) / scale], axis=1)
+    weights, *_ = np.linalg.lstsq(design, hsi, rcond=None)
+    return PolynomialFloor(order, mean, scale, weights)
+
+
+def _pixel_source(scenes: Any, index: int):
+    """(stem, rgb [H, W, 3], read_hsi_window(row, col, h, w), close or None) of one scene."""
+    if hasattr(scenes, "open"):
+        opened = scenes.open(index)
+        return scenes.stems[index], opened.rgb, opened.read_hsi_window, opened.close
+    stem, rgb, cube = scenes[index]
+    if cube is None:
+        raise ValueError(f"{stem}: the floor is fit on scenes with ground-truth cubes")
+    return stem, rgb, lambda y, x, h, w: cube[y : y + h, x : x + w], None
+
+
+def sample_pixels(scenes: Any, num_pixels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic uniform sample of the pixels of `scenes`, an equal share per scene.
+
+    Args:
+      scenes: a split with ground truth (`pipeline.open_scenes`: `len`, `stems` and `open(i)`
+        with windowed cube reads, so a large split reads only its sampled pixels' spectra),
+        or a sequence of (stem, rgb, hsi).
+      num_pixels: total pixels; the first `num_pixels % len(scenes)` scenes take one more, a
+        scene smaller than its share gives all its pixels.
+      seed: seeds the numpy generator that draws them.
+
+    Returns:
+      rgb [N, 3] float32 and hsi [N, bands] float32, in scene order.
+    """
+    if num_pixels < 1:
+        raise ValueError(f"eval.floor_pixels must be a positive pixel count, got {num_pixels}")
+    rng = np.random.default_rng(seed)
+    count = len(scenes)
+    rgb_parts, hsi_parts = [], []
+    for i in range(count):
+        share = num_pixels // count + (i < num_pixels % count)
+        if share == 0:
+            continue
+        stem, rgb, read_window, close = _pixel_source(scenes, i)
+        try:
+            height, width = rgb.shape[:2]
+            size = min(share, height * width)
+            flat = np.sort(rng.choice(height * width, size=size, replace=False))
+            ys, xs = np.divmod(flat, width)
+            if size * 64 >= height * width:  # a dense sample: one read of the whole cube
+                spectra = np.asarray(read_window(0, 0, height, width))[ys, xs]
+            else:  # a sparse one (many scenes): read only the sampled spectra
+                spectra = np.stack([np.asarray(read_window(y, x, 1, 1))[0, 0]
+                                    for y, x in zip(ys, xs, strict=True)])  # fmt: skip
+        finally:
+            if close is not None:
+                close()
+        arad.check_finite(spectra, f"{stem} (floor pixels)")
+        rgb_parts.append(np.asarray(rgb, np.float32)[ys, xs])
+        hsi_parts.append(spectra.astype(np.float32))
+    return np.concatenate(rgb_parts), np.concatenate(hsi_parts)
+
+
+def score(
+    floors: Sequence[PolynomialFloor], scenes: Any, *, clamp_predictions: bool = True
+) -> dict[int, list[dict[str, Any]]]:
+    """Per-scene rows of each floor on `scenes`, keyed by order.
+
+    scenes: as `evaluate.evaluate_scenes` takes them; each scene is loaded once. Rows are
+    `evaluate.evaluate_scenes` rows (stem, has_ground_truth, the metrics, seconds).
+    """
+    count, stems, load = evaluate.scene_loader(scenes)
+    rows: dict[int, list[dict[str, Any]]] = {f.order: [] for f in floors}
+    for i in range(count):
+        rgb, hsi_true = load(i)
+        for floor in floors:
+            start = time.perf_counter()
+            hsi_pred = floor.predict(rgb)
+            row: dict[str, Any] = {"stem": stems[i], "has_ground_truth": hsi_true is not None}
+            if hsi_true is not None:
+                row.update(evaluate.score_scene(hsi_pred, hsi_true, clamp_predictions))
+            row["seconds"] = time.perf_counter() - start
+            rows[floor.order].append(row)
+    return rows
+
+
+def evaluate_floor(
+    train_scenes: Any,
+    scenes: Any,
+    *,
+    orders: Sequence[int] = ORDERS,
+    num_pixels: int = 32768,
+    seed: int = 0,
+    clamp_predictions: bool = True,
+) -> dict[str, Any]:
+    """Fits each order on `train_scenes`, scores it on `scenes`.
+
+    Returns a JSON-ready summary: num_pixels, num_train_scenes, seed, seconds (fit and score
+    together), and `orders`: per order {order, name, num_coefficients, mean, std, num_scored}
+    (mean/std of the metrics as `evaluate.summarize` gives them).
+    """
+    start = time.perf_counter()
+    orders = sorted({int(k) for k in orders})
+    for order in orders:
+        monomials(order)  # an unknown order fails before any pixel is read
+    rgb, hsi = sample_pixels(train_scenes, num_pixels, seed)
+    floors = [fit(rgb, hsi, order) for order in orders]
+    rows = score(floors, scenes, clamp_predictions=clamp_predictions)
+    results = []
+    for floor in floors:
+        summary = evaluate.summarize(rows[floor.order])
+        results.append(
+            {
+                "order": floor.order,
+                "name": floor.name,
+                "num_coefficients": int(floor.weights.shape[0]),
+                "mean": summary["mean"],
+                "std": summary["std"],
+                "num_scored": summary["num_scored"],
+            }
+        )
+    return {
+        "num_pixels": len(rgb),
+        "num_train_scenes": len(train_scenes),
+        "seed": seed,
+        "orders": results,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def settings(config) -> dict[str, Any]:
+    """`evaluate_floor`'s keyword arguments from `config.eval` (`floor_orders`,
+    `floor_pixels`, `floor_seed`; defaults for configs written before they existed)."""
+    evaluation = config.get("eval") or {}
+    return {
+        "orders": tuple(int(k) for k in evaluation.get("floor_orders", ORDERS)),
+        "num_pixels": int(evaluation.get("floor_pixels", 32768)),
+        "seed": int(evaluation.get("floor_seed", 0)),
+    }
+
+
+def open_train_split(config, data_root) -> tuple[Any, str | None]:
+    """(the training split of `config.data.source` at `data_root`, None), or (None, why) when
+    the dataset has no usable training split to fit the floor on."""
+    from cswin_jax.data import pipeline  # noqa: PLC0415
+
+    try:
+        return pipeline.open_scenes(config, data_root, "train"), None
+    except (FileNotFoundError, ValueError) as err:
+        return None, str(err)
+
+
+def format_rows(
+    summary: Mapping[str, Any], names: Sequence[str], label_width: int = 20
+) -> list[str]:
+    """One table line per order, `names` columns 15 wide (as `evaluate.format_table`)."""
+    lines = []
+    for result in summary["orders"]:
+        mean = result["mean"]
+        cells = "".join(f"{mean[n]:>15.5g}" if n in mean else f"{'':>15}" for n in names)
+        lines.append(f"{'floor order ' + str(result['order']):<{label_width}}{cells}")
+    return lines
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+    """One line: what the floor rows of `summary` (from `evaluate_floor`) are."""
+    orders = ", ".join(f"order {r['order']} = {ORDER_NAMES[r['order']]}" for r in summary["orders"])
+    return (
+        f"per-pixel floor: polynomial least squares RGB -> bands, fit on {summary['num_pixels']} "
+        f"pixels of {summary['num_train_scenes']} training scenes (seed {summary['seed']}); "
+        f"{orders}"
+    )
+
+
+def format_table(summary: Mapping[str, Any], names: Sequence[str] | None = None) -> str:
+    """The floor on its own: `describe`, then a header and one row per order (default
+    columns: MRAE, RMSE, PSNR, SAM, raw and clamped, as `evaluate.format_table`)."""
+    if names is None:
+        present = summary["orders"][0]["mean"] if summary["orders"] else {}
+        names = [n for m in TABLE_METRICS for n in (m, f"{m}_clamped") if n in present]
+    scored = summary["orders"][0]["num_scored"] if summary["orders"] else 0
+    header = f"{f'{scored} scenes':<20}" + "".join(f"{n:>15}" for n in names)
+    return "\n".join([describe(summary), header, "-" * len(header), *format_rows(summary, names)])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def load_config(spec: str):
+    """`get_config(arg)` of a config file given as `path` or `path:arg` (as --config takes)."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass e.g. --config "
+                                "configs/quickstart.py")  # fmt: skip
+    module_spec = importlib.util.spec_from_file_location(f"_floor_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(); a config file returns its "
+                         "ConfigDict from get_config()")  # fmt: skip
+    return module.get_config(arg or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cswin_jax.floor",
+        description="Fit the per-pixel polynomial floor on the training split, score it.",
+    )
+    parser.add_argument("--config", help="a config file (configs/*.py): its data and eval keys")
+    parser.add_argument(
+        "--workdir", help="the run folder (a synthetic config's data is in its synthetic_data/)"
+    )
+    parser.add_argument("--data_dir", help="dataset root (MST++ / ARAD-1K layout)")
+    parser.add_argument("--data_source", choices=("arad", "tfds"), default=None,
+                        help="with --data_dir (default arad)")  # fmt: skip
+    parser.add_argument("--split", choices=("train", "valid", "test"), default="valid")
+    parser.add_argument("--orders", default=None, help="e.g. 1,2,3 (default: eval.floor_orders)")
+    parser.add_argument("--pixels", type=int, default=None, help="training pixels to fit on")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the pixel draw")
+    parser.add_argument("--noclamp", dest="clamp", action="store_false",
+                        help="leave out the metrics of the clamped predictions")  # fmt: skip
+    parser.add_argument("--output", help="also write the summary to this JSON file")
+    return parser
+
+
+def _config_from_args(args):
+    from cswin_jax.data import pipeline  # noqa: PLC0415
+
+    if args.config:
+        config = load_config(args.config)
+    elif args.data_dir:
+        from configs import base  # noqa: PLC0415
+
+        config = base.get_config()
+    else:
+        raise ValueError("give --data_dir (a dataset in the MST++ layout) or --config "
+                         "(a config file, e.g. configs/quickstart.py)")  # fmt: skip
+    with config.unlocked():
+        if args.data_dir:
+            config.data.data_dir = args.data_dir
+        if args.data_source or not args.config:
+            config.data.source = args.data_source or "arad"
+    if str(config.data.source) == "synthetic" and not args.workdir:
+        raise ValueError(f"{args.config}: data.source='synthetic' reads <workdir>/"
+                         f"{pipeline.SYNTHETIC_FOLDER}; pass --workdir (the run folder; the "
+                         "scenes are generated there when absent)")  # fmt: skip
+    return config
+
+
+def run(args) -> dict[str, Any]:
+    from cswin_jax.data import pipeline  # noqa: PLC0415
+
+    config = _config_from_args(args)
+    options = settings(config)
+    if args.orders:
+        try:
+            options["orders"] = tuple(int(k) for k in args.orders.split(",") if k.strip())
+        except ValueError:
+            raise ValueError(f"--orders must look like 1,2,3, got {args.orders!r}") from None
+    if args.pixels is not None:
+        options["num_pixels"] = args.pixels
+    if args.seed is not None:
+        options["seed"] = args.seed
+    data_root = pipeline.resolve_data_root(config, args.workdir or config.data.data_dir)
+    train_scenes, missing = open_train_split(config, data_root)
+    if train_scenes is None:
+        raise ValueError(f"{data_root}: no training split to fit the floor on ({missing})")
+    scenes = pipeline.load_split(config, data_root, args.split)
+    if not any(scene.hsi is not None for scene in scenes):
+        raise ValueError(f"{data_root}: the {args.split} split has no ground-truth cubes to "
+                         "score the floor on; pass --split valid")  # fmt: skip
+    summary = evaluate_floor(train_scenes, scenes, clamp_predictions=args.clamp, **options)
+    summary["settings"] = {"data_root": str(data_root), "split": args.split}
+    print(format_table(summary))
+    print(f"fit and scored in {summary['seconds']:.1f} s")
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as err:  # the user's data or flags: one line
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
