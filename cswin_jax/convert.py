@@ -5,9 +5,10 @@ PyTorch state_dict name by joining the path with '.', turning a module-name suff
 into `.<digits>` (`encoder1_0` -> `encoder1.0`, `denoising_2` -> `denoising.2`), and renaming the
 leaf: `kernel` -> `weight` (or `weight_orig` under spectral norm), `scale` -> `weight`;
 spectral-norm state leaves `u`/`v` map to `weight_u`/`weight_v`. Layouts: OIHW conv weights
-become HWIO (depthwise `(C,1,kh,kw)` -> `(kh,kw,1,C)`), and a Flax leaf whose shape equals the
-converted one with singleton axes removed (1x1 convs stored as dense `(I,O)` kernels, `(heads,1,1)`
-temperatures stored as `(heads,)`) is reshaped.
+become HWIO (depthwise `(C,1,kh,kw)` -> `(kh,kw,1,C)`; a transposed conv's `(I,O,kh,kw)` the
+same way, to `(kh,kw,O,I)`), `nn.Linear` `(out,in)` weights become `(in,out)`, and a Flax leaf
+whose shape equals the converted one with singleton axes removed (1x1 convs stored as dense
+`(I,O)` kernels, `(heads,1,1)` temperatures stored as `(heads,)`) is reshaped.
 
 Command line (torch is only needed for `.pth` files):
 
@@ -59,6 +60,8 @@ def _convert_layout(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | N
     candidates = [value]
     if value.ndim == 4:
         candidates.insert(0, np.transpose(value, (2, 3, 1, 0)))  # OIHW -> HWIO
+    elif value.ndim == 2:
+        candidates.insert(0, value.T)  # nn.Linear (out, in) -> (in, out)
     for cand in candidates:
         if cand.shape == tuple(shape):
             return cand

@@ -3,8 +3,8 @@
 Every module here reproduces one PyTorch layer of the original CSWIN v2 PyTorch code
 number for number, in the layout Flax prefers:
 
-* 3x3 convolutions use `lax.conv_general_dilated` with HWIO kernels and symmetric zero
-  padding 1 (PyTorch `padding=1`).
+* Full convolutions (`Conv2d`, `Conv3x3`) use `lax.conv_general_dilated` with HWIO kernels
+  and symmetric zero padding (PyTorch `padding=p`).
 * 1x1 convolutions are matmuls over the channel axis with `(in, out)` kernels (the checkpoint
   converter reshapes PyTorch's `(out, in, 1, 1)` weights onto them).
 * Depthwise 3x3 convolutions are nine shifted multiply-adds with a `(3, 3, 1, C)` kernel:
@@ -84,41 +84,16 @@ def resize_bilinear(x: Array, height: int, width: int) -> Array:
     return jax.image.resize(x, shape, method="bilinear", antialias=False).astype(x.dtype)
 
 
-class Conv3x3(nn.Module):
-    """Full 3x3 convolution, stride 1, zero padding 1, with bias.
+class Conv2d(nn.Module):
+    """PyTorch `Conv2d(I, O, kernel_size, stride, padding, bias=use_bias)`, zero padding.
 
-    x: [B, H, W, I] -> [B, H, W, O]; kernel `(3, 3, I, O)` (HWIO).
+    x: [B, H, W, I] -> [B, H', W', O]; kernel `(k, k, I, O)` (HWIO).
     """
 
     features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        in_features = x.shape[-1]
-        fan_in = in_features * 9
-        kernel = self.param(
-            "kernel",
-            torch_uniform_init(fan_in),
-            (3, 3, in_features, self.features),
-            self.param_dtype,
-        )
-        bias = self.param("bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype)
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(1, 1),
-            padding=((1, 1), (1, 1)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return y + bias.astype(self.dtype)
-
-
-class Pointwise(nn.Module):
-    """1x1 convolution as a matmul over channels. x: [..., I] -> [..., O]; kernel `(I, O)`."""
-
-    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -126,16 +101,62 @@ class Pointwise(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_features = x.shape[-1]
+        k, pad = self.kernel_size, self.padding
+        fan_in = in_features * k * k
         kernel = self.param(
             "kernel",
-            torch_uniform_init(in_features),
+            torch_uniform_init(fan_in),
+            (k, k, in_features, self.features),
+            self.param_dtype,
+        )
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", torch_uniform_init(fan_in), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Conv3x3(Conv2d):
+    """Full 3x3 convolution, stride 1, zero padding 1, with bias (`Conv2d`'s defaults).
+
+    x: [B, H, W, I] -> [B, H, W, O]; kernel `(3, 3, I, O)` (HWIO).
+    """
+
+
+class Pointwise(nn.Module):
+    """1x1 convolution (or `nn.Linear`) as a matmul over channels. x: [..., I] -> [..., O];
+    kernel `(I, O)`."""
+
+    features: int
+    use_bias: bool = True
+    # None: PyTorch's conv/linear default, U(-1/sqrt(I), 1/sqrt(I)) for kernel and bias.
+    kernel_init: nn.initializers.Initializer | None = None
+    bias_init: nn.initializers.Initializer | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        default_init = torch_uniform_init(in_features)
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or default_init,
             (in_features, self.features),
             self.param_dtype,
         )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
-                "bias", torch_uniform_init(in_features), (self.features,), self.param_dtype
+                "bias", self.bias_init or default_init, (self.features,), self.param_dtype
             )
             y = y + bias.astype(self.dtype)
         return y
@@ -162,11 +183,12 @@ def depthwise_conv3x3(x: Array, kernel: Array, bias: Array | None = None) -> Arr
 
 
 class DepthwiseConv3x3(nn.Module):
-    """Depthwise 3x3 conv with bias (PyTorch `Conv2d(C, C, 3, padding=1, groups=C)`).
+    """Depthwise 3x3 conv (PyTorch `Conv2d(C, C, 3, padding=1, groups=C, bias=use_bias)`).
 
     x: [B, H, W, C] -> [B, H, W, C]; kernel `(3, 3, 1, C)`.
     """
 
+    use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -174,10 +196,11 @@ class DepthwiseConv3x3(nn.Module):
     def __call__(self, x: Array) -> Array:
         channels = x.shape[-1]
         kernel = self.param("kernel", torch_uniform_init(9), (3, 3, 1, channels), self.param_dtype)
-        bias = self.param("bias", torch_uniform_init(9), (channels,), self.param_dtype)
-        return depthwise_conv3x3(
-            x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", torch_uniform_init(9), (channels,), self.param_dtype)
+            bias = bias.astype(self.dtype)
+        return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias)
 
 
 class GroupNorm(nn.Module):
