@@ -38,6 +38,9 @@ Mapping from the original flat keys (config.yaml / code defaults) to this tree:
                                     discriminator.base_dim / num_heads / num_blocks /
                                     mlp_ratio / dropout
 
+Not in the original: model.arch picks the generator ('cswin', the original's, or
+'mst_plus_plus', MST++ with its keys in model.mst_plus_plus; see configs/mst_plus_plus.py).
+
 Paths default from the environment: HSI_DATA_DIR (./data/ARAD_1K), HSI_LOG_DIR
 (./artifacts/logs), HSI_CKPT_DIR (./artifacts/checkpoints); the compilation cache from
 JAX_COMPILATION_CACHE_DIR (~/.cache/cswin_jax/xla).
@@ -103,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- generator --------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
+    # 'cswin' (the CSWIN v2 generator, keys below) | 'mst_plus_plus' (MST++, generator-only:
+    # its own keys in model.mst_plus_plus; recipe configs/mst_plus_plus.py)
+    c.model.arch = "cswin"
     c.model.in_channels = 3
     c.model.out_channels = 31
     c.model.base_channels = 64
@@ -118,6 +124,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.clamp_after_iters = 0
     c.model.attention_mode = "v2"  # 'v2' (original row/column) | 'cswin' (paper stripes)
     c.model.remat = "none"  # none | attention | block
+    # MST++ (model.arch='mst_plus_plus'); the official MST_Plus_Plus() defaults.
+    c.model.mst_plus_plus = ml_collections.ConfigDict()
+    c.model.mst_plus_plus.n_feat = 31  # SST width (must equal out_channels)
+    c.model.mst_plus_plus.stage = 3  # cascaded SSTs
+    c.model.mst_plus_plus.sst_stage = 2  # U-net levels of each SST
+    c.model.mst_plus_plus.num_blocks = (1, 1, 1)  # blocks per encoder level, then bottleneck
 
     # --- discriminator ----------------------------------------------------------
     c.discriminator = ml_collections.ConfigDict()
@@ -136,7 +148,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.warmup_steps = 2000
     c.optim.end_lr = 1e-6
-    c.optim.grad_clip_norm = 1.0
+    c.optim.grad_clip_norm = 1.0  # 0 = no clipping
     c.optim.total_steps = 0  # 0 = epochs * iterations_per_epoch
 
     # --- losses -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Convert original CSWIN v2 PyTorch weights into Flax variables and an Orbax checkpoint.
+"""Convert PyTorch weights (the original CSWIN v2 code's, official MST++ releases) into Flax
+variables and an Orbax checkpoint.
 
 Naming rule shared by every network in `cswin_jax.models`: a Flax variable path maps to a
 PyTorch state_dict name by joining the path with '.', turning a module-name suffix `_<digits>`
@@ -16,10 +17,14 @@ Command line (torch is only needed for `.pth` files):
       [--config=configs/gan.py --config.model.base_channels=16 ...] [--trust_pickle]
 
 reads a trainer checkpoint (`state_dict` with `generator.*` and `discriminator.*`), a bare
-generator state_dict, or an `.npz` of state_dict names (optionally under a prefix such as
-`param/`), converts both networks for the config's `model` / `discriminator`, and writes a
-weights-only Orbax checkpoint (`cswin_jax.checkpoint.save_model_checkpoint`) that training
-(`init_from`) and inference restore with `cswin_jax.checkpoint.restore_model_variables`.
+generator state_dict, an official MST++ checkpoint (`{'state_dict': ...}`, names possibly under
+`module.`), or an `.npz` of state_dict names (optionally under a prefix such as `param/`). The
+generator's architecture is recognised from the names (`detect_architecture`): without
+--config, configs/base.py (CSWin) or configs/mst_plus_plus.py (MST++) describes it; a --config
+of the other architecture is refused. Both networks are converted for the config's `model` /
+`discriminator` and written as a weights-only Orbax checkpoint
+(`cswin_jax.checkpoint.save_model_checkpoint`) that training (`init_from`) and inference restore
+with `cswin_jax.checkpoint.restore_model_variables`.
 
 This module is the only place in the project that knows the PyTorch layout.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,7 +135,8 @@ def torch_to_flax(
             lines.append(f"{len(unused)} PyTorch tensors are unused: {sorted(unused)}")
         raise ValueError(
             "checkpoint does not match this architecture (check the model config, e.g. "
-            "base_channels / num_heads / split_sizes):\n  " + "\n  ".join(lines)
+            "base_channels / num_heads / split_sizes, or model.mst_plus_plus for MST++):\n  "
+            + "\n  ".join(lines)
         )
     return out
 
@@ -268,6 +275,34 @@ def split_generator_discriminator(
     return gen, (disc or None)
 
 
+def detect_architecture(state: Mapping[str, Any]) -> str | None:
+    """The generator architecture (`config.model.arch`) a generator state_dict comes from:
+    'mst_plus_plus' (`conv_in.*`, `body.<k>.*`), 'cswin' (`denoising.*`, `embedding.*`), or
+    None when the names fit neither."""
+    names = list(state)
+    if "conv_in.weight" in state and any(n.startswith("body.") for n in names):
+        return "mst_plus_plus"
+    if any(n.startswith(("denoising.", "embedding.")) for n in names):
+        return "cswin"
+    return None
+
+
+def default_config(arch: str | None):
+    """The repository's config for `arch`: configs/mst_plus_plus.py for MST++, else
+    configs/base.py (importable from the repository root)."""
+    try:
+        if arch == "mst_plus_plus":
+            from configs import mst_plus_plus as recipe  # noqa: PLC0415
+        else:
+            from configs import base as recipe  # noqa: PLC0415
+    except ImportError as e:
+        raise ValueError(
+            "no --config given and configs/ is not importable; run from the repository root "
+            "or pass --config=path/to/config.py"
+        ) from e
+    return recipe.get_config()
+
+
 def abstract_model_variables(config) -> tuple[Any, Any]:
     """`jax.eval_shape` variable trees of config's generator and discriminator (nothing computed).
 
@@ -276,13 +311,13 @@ def abstract_model_variables(config) -> tuple[Any, Any]:
     import jax  # noqa: PLC0415 - keep `import cswin_jax.convert` light for torch_to_flax users
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from cswin_jax import models  # noqa: PLC0415
     from cswin_jax.models import discriminator as disc_lib  # noqa: PLC0415
-    from cswin_jax.models import generator as gen_lib  # noqa: PLC0415
 
     size = 32  # parameter shapes do not depend on the image size
     rgb = jnp.zeros((1, size, size, int(config.model.in_channels)), jnp.float32)
     hsi = jnp.zeros((1, size, size, int(config.model.out_channels)), jnp.float32)
-    gen = gen_lib.build_generator(config.model)
+    gen = models.build_generator(config.model)
     disc = disc_lib.build_discriminator(config.discriminator)
     disc = disc.clone(rgb_channels=rgb.shape[-1], hsi_channels=hsi.shape[-1])
     key = jax.random.key(0)
@@ -320,7 +355,7 @@ def convert_state_dicts(
 def convert_checkpoint(
     torch_path: str | pathlib.Path,
     out_dir: str | pathlib.Path,
-    config,
+    config=None,
     *,
     discriminator_path: str | pathlib.Path | None = None,
     npz_prefix: str | None = None,
@@ -334,19 +369,37 @@ def convert_checkpoint(
       out_dir: the new checkpoint folder (must not exist or be empty); restore it with
         `cswin_jax.checkpoint.restore_model_variables(out_dir)`.
       config: an ml_collections ConfigDict whose `model` / `discriminator` describe the
-        architecture; it is stored with the weights.
+        architecture; it is stored with the weights. None: `default_config` of the
+        architecture the names come from. A config of another architecture than the names'
+        (`detect_architecture`) is refused with one line naming both.
       discriminator_path: a separate discriminator state_dict (when `torch_path` holds only the
         generator's).
 
     Returns the number of converted parameters per network ('generator', 'discriminator').
     """
-    from cswin_jax import checkpoint  # noqa: PLC0415 - pulls in orbax
+    from cswin_jax import checkpoint, models  # noqa: PLC0415 - pulls in orbax
 
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output folder {out_dir} is not empty; pick a new --out folder")
     state = load_state_dict(torch_path, npz_prefix=npz_prefix, trust_pickle=trust_pickle)
     gen_state, disc_state = split_generator_discriminator(state)
+    detected = detect_architecture(gen_state)
+    if config is None:
+        config = default_config(detected)
+    if detected is not None:
+        mismatch = models.architecture_mismatch(
+            {"arch": detected},
+            config.model,
+            str(torch_path),
+            fix=f"use {models.RECIPES[detected]}, or no --config (recognised from the names)",
+        )
+        if mismatch:
+            raise ValueError(mismatch)
+    if detected == "mst_plus_plus" and discriminator_path is not None:
+        raise ValueError(
+            f"{torch_path} is an MST++ generator (no discriminator); drop --discriminator"
+        )
     if discriminator_path is not None:
         if disc_state is not None:
             raise ValueError(
@@ -382,8 +435,9 @@ def _define_flags() -> dict[str, Any]:
         "config": config_flags.DEFINE_config_file(
             "config",
             None,
-            "Configuration whose model/discriminator match the checkpoint (default "
-            "configs/base.py); override keys with e.g. --config.model.base_channels=16.",
+            "Configuration whose model/discriminator match the checkpoint (default: "
+            "configs/base.py, or configs/mst_plus_plus.py for MST++ weights, recognised from "
+            "the names); override keys with e.g. --config.model.base_channels=16.",
         ),
         "torch": flags.DEFINE_string(
             "torch", None, "Original checkpoint: .pth (needs torch) or .npz.", required=True
@@ -410,25 +464,20 @@ def main(argv: list[str], flag_values: Mapping[str, Any]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = flag_values["config"].value
-    if config is None:
-        try:
-            from configs import base  # noqa: PLC0415 - the repository's default configuration
-        except ImportError as e:
-            raise app.UsageError(
-                "no --config given and configs/base.py is not importable; run from the "
-                "repository root or pass --config=path/to/config.py"
-            ) from e
-        config = base.get_config()
     out = flag_values["out"].value
-    counts = convert_checkpoint(
-        flag_values["torch"].value,
-        out,
-        config,
-        discriminator_path=flag_values["discriminator"].value,
-        npz_prefix=flag_values["npz_prefix"].value,
-        trust_pickle=flag_values["trust_pickle"].value,
-    )
+    try:
+        counts = convert_checkpoint(
+            flag_values["torch"].value,
+            out,
+            flag_values["config"].value,
+            discriminator_path=flag_values["discriminator"].value,
+            npz_prefix=flag_values["npz_prefix"].value,
+            trust_pickle=flag_values["trust_pickle"].value,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        # A user's mistake (wrong file, config or folder): the message, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out}")
     for network, n in counts.items():
         print(f"  {network:<14s} {n:>12,d} parameters")

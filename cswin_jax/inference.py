@@ -78,7 +78,7 @@ def make_generator_apply(model: Any, params: Any, *, step: int | None = None) ->
     """Wraps a Flax generator for inference: `rgb [N, h, w, 3] -> hsi [N, h, w, C]` float32.
 
     Args:
-      model: a `cswin_jax.models.generator.Generator` (or any module called as
+      model: a generator of `cswin_jax.models` (CSWin or MST++; any module called as
         `model.apply({'params': p}, rgb, train=False, step=step)`).
       params: its parameters.
       step: the optimizer step the weights come from; it selects the output activation of
@@ -398,19 +398,19 @@ def load_generator(
     """
     import ml_collections
 
-    from cswin_jax import checkpoint
-    from cswin_jax.models.generator import build_generator
+    from cswin_jax import checkpoint, models
 
     params, _, config_dict = checkpoint.restore_model_variables(checkpoint_dir, use_ema=use_ema)
     config = ml_collections.ConfigDict(config_dict)
     if "model" not in config:
         raise ValueError(f"{checkpoint_dir}: the checkpoint's config has no 'model' section")
-    model = build_generator(config.model)
+    model = models.build_generator(config.model)
     abstract = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.model.in_channels))
     )
     check_params_match(params, abstract["params"], str(checkpoint_dir))
-    if config.model.output_activation == "delayed_sigmoid" and step is None:
+    delayed = config.model.get("output_activation") == "delayed_sigmoid"
+    if models.architecture(config.model) == "cswin" and delayed and step is None:
         logging.warning(
             "%s: output_activation='delayed_sigmoid' depends on the training step, which the "
             "checkpoint does not give; assuming the sigmoid is active (pass step to override)",

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import metrics, sharding
+from cswin_jax import metrics, models, sharding
 from cswin_jax.data import pipeline
 from cswin_jax.train import Trainer, TrainState, total_steps, validate_config
 
@@ -42,8 +42,10 @@ def _batch_sharding(mesh):
 
 def _architecture(config_dict: Mapping) -> dict:
     keys = ("model", "discriminator", "train_discriminator")
+    arch = {k: config_dict.get(k) for k in keys}
+    arch["model"] = models.architecture_signature(arch["model"])
     # JSON round trip: tuples in the live config come back from the checkpoint as lists.
-    return json.loads(json.dumps({k: config_dict.get(k) for k in keys}))
+    return json.loads(json.dumps(arch))
 
 
 class Programs(NamedTuple):
@@ -285,7 +287,7 @@ def train_and_evaluate(
         start = 0
         state = programs.init_fn(jax.random.key(config.seed))
         if config.init_from:
-            state = _load_initial_weights(state, config.init_from, state_sharding)
+            state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
     best_mrae = checkpointer.best_metric()
     best_mrae = math.inf if best_mrae is None else best_mrae
     step_fn, predict_fn = programs.step_fn, programs.predict_fn
@@ -384,8 +386,12 @@ def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
         return checkpointer, latest
     checkpointer.close()
     if not config.init_from:
+        what = (
+            models.architecture_mismatch(saved["model"], config.model, str(ckpt_root))
+            or f"{ckpt_root} holds a checkpoint of another architecture ({json.dumps(saved)})"
+        )
         raise ValueError(
-            f"{ckpt_root} holds a checkpoint of another architecture ({json.dumps(saved)}); "
+            f"{what}; "
             "use a new --workdir, or pass --config.init_from=PATH to start this one afresh "
             f"from those weights (its checkpoints are then moved to {ckpt_root}.replaced-<k>)"
         )
@@ -424,9 +430,14 @@ def _model_weights(state: TrainState) -> dict:
     return weights
 
 
-def _load_initial_weights(state: TrainState, path: str, state_sharding) -> TrainState:
+def _load_initial_weights(state: TrainState, path: str, state_sharding, model_cfg) -> TrainState:
     """`--config.init_from`: weights only (e.g. a converted PyTorch checkpoint)."""
-    gen_params, disc_vars, _ = ckpt_lib.restore_model_variables(path)
+    gen_params, disc_vars, saved_config = ckpt_lib.restore_model_variables(path)
+    mismatch = models.architecture_mismatch(
+        saved_config.get("model"), model_cfg, f"init_from={path}"
+    )
+    if mismatch:
+        raise ValueError(mismatch)
 
     def fit(target, loaded, what):
         t_struct = jax.tree.structure(target)

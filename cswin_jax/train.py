@@ -1,5 +1,8 @@
 """Training: the Sinkhorn-GAN step and the generator-only step (the loop is in `loop.py`).
 
+The generator is the one `config.model.arch` names (`cswin_jax.models.build_generator`: the
+CSWin U-Net or MST++, which is trained generator-only).
+
 `train_step(state, batch) -> (state, metrics)` is pure and jitted once with explicit
 shardings over a `('data',)` mesh: parameters and optimizer states replicated, batches split
 along the batch axis. One call is one generator optimizer step:
@@ -7,8 +10,9 @@ along the batch axis. One call is one generator optimizer step:
 1. Generator: `gradient_accumulation_steps` micro-batches (`batch['rgb']` is
    `[A, B, P, P, 3]`) are accumulated (a scan on accelerators, unrolled on CPU); each runs G,
    D(real) and D(fake) (D frozen), the combined loss of `losses.generator_loss` and its
-   gradient; the mean gradient is clipped to global norm `optim.grad_clip_norm` and applied
-   with Adam. The EMA of the generator weights follows.
+   gradient; the mean gradient is clipped to global norm `optim.grad_clip_norm` (0: not
+   clipped) and applied with Adam. The EMA of the generator weights follows. Without the
+   discriminator (`train_discriminator=False`) the loss is `Trainer._reconstruction_loss`.
 2. Discriminator (every `n_critic` generator steps): on the last micro-batch, with the fake
    from step 1 detached, loss `-mean S(real, fake)` plus lazy R1 (every `loss.r1_interval`
    discriminator steps, scaled by the interval), clipped and applied with its own Adam.
@@ -35,9 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cswin_jax import losses
+from cswin_jax import losses, models
 from cswin_jax.models import discriminator as disc_lib
-from cswin_jax.models import generator as gen_lib
 
 PyTree = Any
 
@@ -112,6 +115,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         fail("loss.r1_chunks", f"{r1_chunks} must be >= 1 and divide batch_size")
     if config.model.remat not in ("none", "attention", "block"):
         fail("model.remat", f"unknown policy {config.model.remat!r}; use none | attention | block")
+    if not config.train_discriminator and not (config.loss.lambda_rec or config.loss.lambda_mrae):
+        fail(
+            "loss.lambda_rec",
+            "generator-only training needs loss.lambda_rec (Charbonnier) or loss.lambda_mrae "
+            "> 0; both are 0",
+        )
+    check_architecture(config)
+
+
+def check_architecture(config: ml_collections.ConfigDict) -> None:
+    """`config.model.arch` is known, and MST++ is trained without the discriminator."""
+    if models.architecture(config.model) == "mst_plus_plus" and config.train_discriminator:
+        raise ValueError(
+            "config.train_discriminator: MST++ (model.arch='mst_plus_plus') is trained "
+            "generator-only; set --config.train_discriminator=False (configs/mst_plus_plus.py "
+            "does)"
+        )
 
 
 def lr_schedule(peak_lr: float, warmup: int, horizon: int, end_lr: float) -> optax.Schedule:
@@ -133,8 +153,9 @@ def lr_schedule(peak_lr: float, warmup: int, horizon: int, end_lr: float) -> opt
 
 def make_optimizer(lr: float, config: ml_collections.ConfigDict, horizon: int):
     schedule = lr_schedule(lr, config.optim.warmup_steps, horizon, config.optim.end_lr)
+    clip_norm = config.optim.grad_clip_norm
     tx = optax.chain(
-        optax.clip_by_global_norm(config.optim.grad_clip_norm),
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
         optax.adam(schedule, b1=config.optim.b1, b2=config.optim.b2, eps=1e-8),
     )
     return tx, schedule
@@ -142,7 +163,7 @@ def make_optimizer(lr: float, config: ml_collections.ConfigDict, horizon: int):
 
 def _models(config: ml_collections.ConfigDict):
     dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
-    gen = gen_lib.build_generator(config.model, dtype=dtype)
+    gen = models.build_generator(config.model, dtype=dtype)
     disc = disc_lib.build_discriminator(config.discriminator, dtype=dtype)
     return gen, disc
 
@@ -196,9 +217,10 @@ class Trainer:
     """Builds the models, the optimizers and the pure step functions of one run."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        check_architecture(config)
         self.config = config
         self.gen, self.disc = _models(config)
-        self.eval_gen = gen_lib.build_generator(config.model, dtype=jnp.float32)
+        self.eval_gen = models.build_generator(config.model, dtype=jnp.float32)
         self.use_disc = bool(config.train_discriminator)
         horizon = total_steps(config)
         self.tx_g, self.sched_g = make_optimizer(config.optim.generator_lr, config, horizon)
@@ -276,11 +298,15 @@ class Trainer:
         return loss, terms, grads, jax.lax.stop_gradient(hsi_pred), sn_state
 
     def _reconstruction_loss(self, hsi_pred, hsi):
-        """Generator-only objective: Charbonnier (+ lambda_mrae * MRAE)."""
+        """Generator-only objective: lambda_rec * Charbonnier + lambda_mrae * MRAE. A term
+        whose weight is 0 is neither computed nor logged (`validate_config`: not both)."""
         loss_cfg = self.config.loss
-        rec = losses.charbonnier(hsi_pred, hsi)
-        total = loss_cfg.lambda_rec * rec
-        terms = {"reconstruction": rec}
+        total = jnp.zeros((), jnp.float32)
+        terms = {}
+        if loss_cfg.lambda_rec:
+            rec = losses.charbonnier(hsi_pred, hsi)
+            total = total + loss_cfg.lambda_rec * rec
+            terms["reconstruction"] = rec
         if loss_cfg.lambda_mrae:
             mrae = losses.mrae_loss(hsi_pred, hsi)
             total = total + loss_cfg.lambda_mrae * mrae
