@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from configs import base, gan, optimized, quickstart
+from configs import base, gan, mst_plus_plus, optimized, quickstart
 
 # The original trainer's flat keys and defaults (issue #2 item 8), with where each lives here.
 ORIGINAL_DEFAULTS = {
@@ -98,6 +98,27 @@ def test_recipes():
     # quickstart: synthetic data, small widths, a few hundred steps.
     assert q.data.source == "synthetic" and q.model.base_channels < 64
     assert q.epochs * q.iterations_per_epoch <= 1000
+
+
+def test_mst_plus_plus_recipe():
+    """configs/mst_plus_plus.py: the MST++ reference recipe, generator-only."""
+    m = mst_plus_plus.get_config()
+    assert m.recipe == "mst_plus_plus" and m.model.arch == "mst_plus_plus"
+    assert base.get_config().model.arch == "cswin"
+    assert not m.train_discriminator and m.gradient_accumulation_steps == 1
+    assert (m.loss.lambda_rec, m.loss.lambda_mrae) == (0.0, 1.0)
+    assert m.loss.lambda_adversarial == m.loss.lambda_sam == 0.0 and not m.loss.use_r1
+    assert (m.optim.generator_lr, m.optim.b1, m.optim.b2) == (4e-4, 0.9, 0.999)
+    assert m.optim.warmup_steps == 0 and m.optim.end_lr == 1e-6 and m.optim.grad_clip_norm == 0
+    assert m.epochs * m.iterations_per_epoch == 300_000 and m.optim.total_steps == 0
+    assert (m.batch_size, m.data.patch_size, m.data.stride) == (20, 128, 8)
+    assert m.ema_decay == base.get_config().ema_decay and not m.mixed_precision
+    assert m.model.mst_plus_plus.to_dict() == {
+        "n_feat": 31,
+        "stage": 3,
+        "sst_stage": 2,
+        "num_blocks": (1, 1, 1),
+    }
 
 
 def test_configs_are_locked_against_typos():

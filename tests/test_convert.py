@@ -245,3 +245,93 @@ def test_pth_trainer_checkpoint_round_trip(golden_dir, tmp_path):
     expected_gen, expected_disc = convert.convert_state_dicts(gen_state, disc_state, config)
     _assert_trees_equal(gen_params, expected_gen)
     _assert_trees_equal(disc_vars, expected_disc)
+
+
+# ---------------------------------------------------------------------------------------------
+# MST++ (official checkpoints: {'state_dict': ...}, names possibly under 'module.')
+# ---------------------------------------------------------------------------------------------
+
+MST_PARAMS = 1_619_625
+
+
+def test_mst_plus_plus_npz_converts_by_its_names(golden_dir, tmp_path):
+    """The golden MST++ state_dict (.npz, `param/` names), no config: recognised as MST++,
+    written with configs/mst_plus_plus.py's config, and the restored model (through
+    `inference.load_generator`, as predict/evaluate read it) reproduces output/eval_0."""
+    from cswin_jax import inference
+
+    golden = golden_dir / "mst_plus_plus.npz"
+    assert convert.detect_architecture(_state_dict(golden)) == "mst_plus_plus"
+    counts = convert.convert_checkpoint(golden, tmp_path / "ck")
+    assert counts == {"generator": MST_PARAMS}
+    apply_fn, config_dict = inference.load_generator(str(tmp_path / "ck"))
+    assert config_dict["model"]["arch"] == "mst_plus_plus" and config_dict["recipe"] == (
+        "mst_plus_plus"
+    )
+    with np.load(golden) as z:
+        rgb, expected = z["input/rgb_0"], z["output/eval_0"]
+    hsi = np.asarray(apply_fn(_nhwc(rgb))).transpose(0, 3, 1, 2)
+    error = golden_parity.record("mst_plus_plus", "converted: output/eval_0", hsi, expected)
+    assert error <= 1e-5
+
+
+def test_mst_plus_plus_release_pth(golden_dir, tmp_path):
+    """The MST++ release format: torch.save({'epoch', 'iter', 'state_dict' (DataParallel
+    `module.` names), 'optimizer'}) converts to the same weights as the state_dict itself."""
+    torch = pytest.importorskip("torch", reason="torch (optional extra) is not installed")
+    state = _state_dict(golden_dir / "mst_plus_plus.npz")
+    release = {
+        "epoch": 300,
+        "iter": 300_000,
+        "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in state.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999)}]},
+    }
+    torch.save(release, tmp_path / "mst_plus_plus.pth")
+    counts = convert.convert_checkpoint(tmp_path / "mst_plus_plus.pth", tmp_path / "ck")
+    assert counts == {"generator": MST_PARAMS}
+    gen_params, disc_vars, config_dict = checkpoint.restore_model_variables(tmp_path / "ck")
+    assert disc_vars is None and config_dict["model"]["arch"] == "mst_plus_plus"
+    from configs import mst_plus_plus
+
+    expected, _ = convert.convert_state_dicts(state, None, mst_plus_plus.get_config())
+    _assert_trees_equal(gen_params, expected)
+
+
+def test_architecture_mismatch_is_one_line_naming_both(golden_dir, tmp_path):
+    from configs import mst_plus_plus
+
+    with pytest.raises(ValueError) as info:
+        convert.convert_checkpoint(golden_dir / "mst_plus_plus.npz", tmp_path / "a", _config())
+    message = str(info.value)
+    assert "\n" not in message
+    assert "MST++ generator weights (model.arch='mst_plus_plus')" in message
+    assert "this config builds CSWin (model.arch='cswin')" in message
+    assert "configs/mst_plus_plus.py" in message
+    with pytest.raises(ValueError, match=r"CSWin generator weights .* builds MST\+\+"):
+        convert.convert_checkpoint(
+            golden_dir / "generator_tiny.npz", tmp_path / "b", mst_plus_plus.get_config()
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_mst_plus_plus_without_config_and_mismatch_exit_2(golden_dir, tmp_path):
+    """`python -m cswin_jax.convert --torch mst_plus_plus.npz --out DIR` needs no flag; with a
+    CSWin --config it prints one line and exits with status 2."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    golden = str(golden_dir / "mst_plus_plus.npz")
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "cswin_jax.convert", "--torch", golden, *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    result = run("--out", str(tmp_path / "ck"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1,619,625" in result.stdout
+    _, _, config_dict = checkpoint.restore_model_variables(tmp_path / "ck")
+    assert config_dict["model"]["arch"] == "mst_plus_plus"
+    result = run("--out", str(tmp_path / "other"), "--config=configs/base.py")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.arch='mst_plus_plus'" in errors[0], result.stderr[-2000:]
