@@ -24,6 +24,7 @@ from cswin_jax import checkpoint, convert
 from cswin_jax.models import discriminator as disc_lib
 from cswin_jax.models import generator as gen_lib
 from tests import golden_parity
+from tests.test_mst_plus_plus import assert_names_mst_weights_and_cswin_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5
@@ -302,11 +303,7 @@ def test_architecture_mismatch_is_one_line_naming_both(golden_dir, tmp_path):
 
     with pytest.raises(ValueError) as info:
         convert.convert_checkpoint(golden_dir / "mst_plus_plus.npz", tmp_path / "a", _config())
-    message = str(info.value)
-    assert "\n" not in message
-    assert "MST++ generator weights (model.arch='mst_plus_plus')" in message
-    assert "this config builds CSWin (model.arch='cswin')" in message
-    assert "configs/mst_plus_plus.py" in message
+    assert_names_mst_weights_and_cswin_config(str(info.value))
     with pytest.raises(ValueError, match=r"CSWin generator weights .* builds MST\+\+"):
         convert.convert_checkpoint(
             golden_dir / "generator_tiny.npz", tmp_path / "b", mst_plus_plus.get_config()

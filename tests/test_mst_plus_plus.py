@@ -24,6 +24,14 @@ PARAM_COUNT = 1_619_625
 RELATIVE_TOLERANCE = 1e-5
 
 
+def assert_names_mst_weights_and_cswin_config(message: str) -> None:
+    """The one-line refusal of MST++ weights for a CSWin config: both named, and the fix."""
+    assert "\n" not in message
+    assert "MST++ generator weights (model.arch='mst_plus_plus')" in message
+    assert "this config builds CSWin (model.arch='cswin')" in message
+    assert "configs/mst_plus_plus.py" in message
+
+
 def _count(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
@@ -120,6 +128,22 @@ def test_odd_and_tiny_sizes():
     )
 
 
+def test_remat_keeps_the_gradients():
+    """`model.remat='block'` recomputes each S-MSA and FFN in the backward pass: memory only."""
+    tiny = {"mst_plus_plus": {"stage": 1, "sst_stage": 1, "num_blocks": (1, 1)}}
+    rgb = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    plain = build_mst_plus_plus(tiny)
+    params = jax.jit(plain.init)(jax.random.key(0), rgb)
+
+    def gradients(model):
+        return jax.jit(jax.grad(lambda p: jnp.mean(model.apply(p, rgb) ** 2)))(params)
+
+    expected = jax.tree.leaves(gradients(plain))
+    actual = jax.tree.leaves(gradients(build_mst_plus_plus({**tiny, "remat": "block"})))
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-7)
+
+
 def test_bad_configs_name_the_fix():
     with pytest.raises(ValueError, match=r"model\.arch: unknown architecture 'mst'; valid names: "
                        r"cswin, mst_plus_plus"):  # fmt: skip
@@ -203,11 +227,7 @@ def test_tiny_mst_plus_plus_trains_through_the_loop(tmp_path):
     cswin = train_setup.tiny_config()
     with pytest.raises(ValueError) as info:
         loop.train_and_evaluate(cswin, str(workdir))
-    message = str(info.value)
-    assert "\n" not in message
-    assert "MST++ generator weights (model.arch='mst_plus_plus')" in message
-    assert "this config builds CSWin (model.arch='cswin')" in message
-    assert "configs/mst_plus_plus.py" in message
+    assert_names_mst_weights_and_cswin_config(str(info.value))
     with pytest.raises(ValueError, match=r"MST\+\+ generator weights.*builds CSWin"):
         loop._load_initial_weights(None, str(workdir), None, cswin.model)
 
