@@ -8,9 +8,15 @@ the CIE 1931 2-degree colour-matching functions under CIE D65 (both from colour-
 aligned to 400-700 nm in 10 nm steps), normalised so that a perfect white reflector has
 Y = 1, then converted XYZ -> sRGB (gamma-encoded) and clipped to [0, 1].
 
+Training curves: `plot_validation_curve` reads a workdir's TensorBoard event files
+(`read_scalars`) and plots validation MRAE (or another `val/` metric) against step, with the
+per-pixel regression floor of each polynomial order (`cswin_jax.floor`, logged at step 0) as
+horizontal reference lines.
+
 Usage:
   python -m cswin_jax.viz --pred cube.mat [--gt ARAD_1K_0901.mat] [--rgb photo.jpg] \
       [--metrics_csv eval/metrics.csv] --output figures/ [--pixels 120,200;300,50]
+  python -m cswin_jax.viz --curve /tmp/cswin_quickstart --output figures/  # validation_mrae.png
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import csv
 import functools
 import pathlib
+import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -372,6 +379,104 @@ def read_metrics_csv(path: str | pathlib.Path) -> dict[str, list[float]]:
     return values
 
 
+# ----------------------------------------------------------------------------- training curves
+
+
+def _event_files(log_dir: pathlib.Path) -> list[pathlib.Path]:
+    if log_dir.is_file():
+        return [log_dir]
+    for folder in (log_dir / "tensorboard", log_dir):
+        files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"no TensorBoard event files in {log_dir} or {log_dir / 'tensorboard'}; pass a "
+        "training workdir (its tensorboard/ folder holds events.out.tfevents.*)"
+    )
+
+
+def _read_events(path: pathlib.Path):
+    """Event protos of one TFRecord-framed event file (a truncated last record is dropped:
+    the file of a run still writing)."""
+    from google.protobuf.message import DecodeError
+    from tensorboardX.proto import event_pb2
+
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        start, end = offset + 12, offset + 12 + length
+        if end + 4 > len(data):
+            break
+        event = event_pb2.Event()
+        try:
+            event.ParseFromString(data[start:end])
+        except DecodeError:
+            break
+        yield event
+        offset = end + 4
+
+
+def read_scalars(log_dir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of a workdir's TensorBoard event files: tag -> [(step, value)] by step.
+
+    log_dir: a training workdir, its tensorboard/ folder, or one event file. Files are read in
+    name (= creation time) order, so at a step written twice (a run resumed from an earlier
+    checkpoint) the later run's value is kept.
+    """
+    scalars: dict[str, dict[int, float]] = {}
+    for path in _event_files(pathlib.Path(log_dir)):
+        for event in _read_events(path):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    number = float(value.simple_value)
+                elif value.HasField("tensor") and value.tensor.float_val:
+                    number = float(value.tensor.float_val[0])
+                else:
+                    continue
+                scalars.setdefault(value.tag, {})[int(event.step)] = number
+    return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def plot_validation_curve(
+    path: str | pathlib.Path, log_dir: str | pathlib.Path, metric: str = "mrae", title: str = ""
+) -> pathlib.Path:
+    """Validation `metric` (the loop's `val/<metric>`, EMA weights) against step, with the
+    per-pixel floor of each polynomial order (`floor/order<k>/<metric>`, logged when the run
+    started) as horizontal reference lines."""
+    from cswin_jax.floor import ORDER_NAMES
+
+    scalars = read_scalars(log_dir)
+    curve = scalars.get(f"val/{metric}")
+    if not curve:
+        found = sorted({tag.split("/")[-1] for tag in scalars if tag.startswith("val/")})
+        raise ValueError(
+            f"{log_dir}: no val/{metric} scalars (validation metrics found: {found or 'none'}); "
+            "pass --curve_metric one of those, or a workdir whose run has validated"
+        )
+    floors = sorted(
+        (int(tag.split("/")[1].removeprefix("order")), points[-1][1])
+        for tag, points in scalars.items()
+        if tag.startswith("floor/order") and tag.endswith(f"/{metric}") and points
+    )
+    label = _METRIC_LABELS.get(metric, metric)
+    steps, values = zip(*curve, strict=True)
+    fig = Figure(layout="constrained", figsize=(7, 4.2))
+    ax = fig.subplots()
+    ax.plot(steps, values, "o-", color="C0", label=f"validation {label} (EMA weights)")
+    styles = ("--", "-.", ":")
+    for i, (order, level) in enumerate(floors):
+        name = ORDER_NAMES.get(order, f"order {order}")
+        ax.axhline(level, color=f"C{i + 1}", linestyle=styles[i % len(styles)],
+                   label=f"per-pixel floor, {name}: {level:.4g}")  # fmt: skip
+    ax.set_xlabel("training step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or f"validation {label} vs step, per-pixel floor for reference", fontsize=10)
+    return _save(fig, pathlib.Path(path))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -395,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt", help="ground-truth cube (ARAD .mat, .h5 or .npy)")
     parser.add_argument("--rgb", help="input RGB image, shown beside the cubes")
     parser.add_argument("--metrics_csv", help="evaluate's metrics.csv: per-scene histograms")
+    parser.add_argument(
+        "--curve", help="a training workdir: its validation curve with the floor lines"
+    )
+    parser.add_argument("--curve_metric", default="mrae", help="the curve's val/ metric")
     parser.add_argument("--output", default="figures", help="folder for the PNG files")
     parser.add_argument(
         "--pixels", type=_parse_pixels, default=None, help="spectra at 'y,x;y,x' (default: worst)"
@@ -405,8 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.pred and not args.metrics_csv:
-        parser.error("give --pred (a cube) and/or --metrics_csv (evaluate's output)")
+    if not args.pred and not args.metrics_csv and not args.curve:
+        parser.error(
+            "give --pred (a cube), --metrics_csv (evaluate's output) and/or --curve (a workdir)"
+        )
     from cswin_jax import predict
 
     out_dir = pathlib.Path(args.output)
@@ -420,6 +531,12 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     if args.metrics_csv:
         per_scene = read_metrics_csv(args.metrics_csv)
         written.append(plot_metric_histograms(out_dir / "metric_histograms.png", per_scene))
+    if args.curve:
+        target = out_dir / f"validation_{args.curve_metric}.png"
+        try:
+            written.append(plot_validation_curve(target, args.curve, args.curve_metric))
+        except (FileNotFoundError, ValueError) as err:  # the user's workdir: one line
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
     for path in written:
         print(path)
     return written

@@ -1,5 +1,5 @@
 """Evaluate CLI: the scored window, per-scene rows, summary, CSV/JSON, scenes without ground
-truth, figures, and the end-to-end run on a synthetic validation split."""
+truth, figures, the floor's rows, and the end-to-end run on a synthetic validation split."""
 
 import csv
 import json
@@ -121,6 +121,9 @@ def test_cli_end_to_end(tmp_path, synthetic_root):
     written = json.loads((out / "summary.json").read_text())
     assert written["num_scored"] == 2 and written["predicted_only"] == [stems[2]]
     assert written["settings"]["tiled"] is True and written["settings"]["use_ema"] is True
+    # The per-pixel floor, fit on the one training scene, scored on the two with cubes.
+    assert [r["order"] for r in written["floor"]["orders"]] == [1, 2, 3]
+    assert all(r["num_scored"] == 2 for r in written["floor"]["orders"])
     figures = {p.name for p in (out / "figures").iterdir()}
     assert "metric_histograms.png" in figures
     for stem in stems[:2]:  # worst and best

@@ -116,3 +116,58 @@ def test_cli(tmp_path):
         viz.main(["--output", str(tmp_path)])
     with pytest.raises(SystemExit):
         viz.main(["--pred", str(tmp_path / "pred.npy"), "--pixels", "3;4"])
+
+
+def _write_scalars(log_dir, points):
+    """points: [(step, {tag: value})], written by the loop's writer."""
+    import ml_collections
+
+    from cswin_jax import metric_writers
+
+    writer = metric_writers.MetricWriter(log_dir, ml_collections.ConfigDict())
+    for step, values in points:
+        writer.scalars(step, values)
+    writer.close()
+
+
+def test_read_scalars_and_the_validation_curve(tmp_path):
+    """Event files read back (a later file wins at a repeated step, a truncated last record
+    is dropped); the curve with the floor lines is a PNG; missing data is a clear error."""
+    floors = {f"floor/order{k}/mrae": v for k, v in ((1, 0.45), (2, 0.64), (3, 0.70))}
+    _write_scalars(tmp_path, [(0, {**floors, "floor/order1/psnr": 22.5}),
+                              (50, {"val/mrae": 0.98}), (100, {"val/mrae": 0.74})])  # fmt: skip
+    # A resumed run's file, named (as tensorboardX names them) by a later start time.
+    _write_scalars(tmp_path / "resumed", [(100, {"val/mrae": 0.70}), (150, {"val/mrae": 0.66})])
+    (later,) = (tmp_path / "resumed" / "tensorboard").glob("events.out.tfevents.*")
+    later.rename(tmp_path / "tensorboard" / "events.out.tfevents.9999999999.host")
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    with open(files[-1], "ab") as f:
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00partial")  # a record still being written
+    scalars = viz.read_scalars(tmp_path)
+    assert scalars["val/mrae"] == [(50, pytest.approx(0.98)), (100, pytest.approx(0.70)),
+                                   (150, pytest.approx(0.66))]  # fmt: skip
+    assert scalars["floor/order2/mrae"] == [(0, pytest.approx(0.64))]
+    assert viz.read_scalars(tmp_path / "tensorboard") == viz.read_scalars(files[0]) | {
+        "val/mrae": scalars["val/mrae"]
+    }
+    _check_png(viz.plot_validation_curve(tmp_path / "curve.png", tmp_path))
+    with pytest.raises(
+        ValueError, match=r"no val/psnr scalars \(validation metrics found: \['mrae'\]"
+    ):
+        viz.plot_validation_curve(tmp_path / "x.png", tmp_path, metric="psnr")
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        viz.read_scalars(tmp_path / "figs")
+
+
+def test_cli_curve(tmp_path, capsys):
+    _write_scalars(tmp_path / "run", [(0, {"floor/order1/mrae": 0.45}), (10, {"val/mrae": 0.9})])
+    written = viz.main(["--curve", str(tmp_path / "run"), "--output", str(tmp_path / "figs")])
+    assert written == [tmp_path / "figs" / "validation_mrae.png"]
+    _check_png(written[0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        viz.main(["--curve", str(tmp_path / "none"), "--output", str(tmp_path / "figs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no TensorBoard event files" in err
