@@ -470,9 +470,7 @@ def test_init_from_loads_weights_and_checks_shapes(tmp_path):
 
     wrong = state.replace(gen_params={"conv": {"kernel": np.zeros((3, 2), np.float32)}})
     with pytest.raises(ValueError, match=r"init_from=.*generator weight shape \(2, 3\)"):
-        loop._load_initial_weights(
-            wrong, str(path), jax.tree.map(lambda _: repl, state), model_cfg
-        )
+        loop._load_initial_weights(wrong, str(path), jax.tree.map(lambda _: repl, state), model_cfg)
 
 
 def test_unknown_config_key_fails_loudly(tmp_path):
