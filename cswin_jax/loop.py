@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import metrics, models, sharding
+from cswin_jax import evaluate, models, sharding
 from cswin_jax.data import pipeline
 from cswin_jax.train import Trainer, TrainState, total_steps, validate_config
 
@@ -190,8 +190,7 @@ def evaluate_scenes(
         if hsi is None:
             continue
         pred = np.asarray(predict_fn(params, jnp.asarray(rgb)[None]))[0]
-        m = metrics.center_crop_metrics(pred, hsi, clamp_predictions=clamp_predictions)
-        rows.append({k: float(v) for k, v in m.items()})
+        rows.append(evaluate.score_scene(pred, hsi, clamp_predictions))
     if not rows:
         raise ValueError("validation split has no scene with ground truth")
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
