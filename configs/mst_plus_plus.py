@@ -15,11 +15,15 @@ Official MST++ weights: `python -m cswin_jax.convert --torch mst_plus_plus.pth -
 --config.init_from=DIR.
 """
 
-from configs import base
+from configs import base, quickstart
 
 
 def get_config(arg: str | None = None):
-    config = base.get_config(arg)
+    """`arg` 'quickstart': MST++ at full size with this recipe's loss and optimizer, on the
+    quick start's synthetic data, batch and schedule length (`bench/quality.py`)."""
+    if arg not in (None, "", "quickstart"):
+        raise ValueError(f"configs/mst_plus_plus.py:{arg}: unknown variant; use 'quickstart'")
+    config = base.get_config()
     config.recipe = "mst_plus_plus"
     config.model.arch = "mst_plus_plus"
     config.train_discriminator = False
@@ -37,4 +41,7 @@ def get_config(arg: str | None = None):
     config.loss.lambda_adversarial = 0.0
     config.loss.lambda_sam = 0.0
     config.loss.use_r1 = False
+    if arg == "quickstart":
+        config.recipe = "mst_plus_plus:quickstart"
+        quickstart.quickstart_run(config)
     return config

@@ -127,3 +127,26 @@ def test_configs_are_locked_against_typos():
     config.lock()
     with pytest.raises(AttributeError, match="batch_sizee"):
         config.batch_sizee = 4
+
+
+def test_quickstart_variants():
+    """configs/quickstart.py:generator is the quick start's generator, data and schedule without
+    the discriminator; mst_plus_plus.py:quickstart is MST++'s recipe on the quick start's run."""
+    q, g = quickstart.get_config(), quickstart.get_config("generator")
+    assert q.train_discriminator and q.loss.lambda_adversarial > 0 and q.loss.use_r1
+    assert not g.train_discriminator and not g.loss.use_r1 and g.loss.lambda_adversarial == 0
+    assert g.model.to_dict() == q.model.to_dict() and g.data.to_dict() == q.data.to_dict()
+    assert (g.loss.lambda_rec, g.loss.lambda_mrae) == (q.loss.lambda_rec, q.loss.lambda_mrae)
+    assert g.epochs * g.iterations_per_epoch == q.epochs * q.iterations_per_epoch
+    m = mst_plus_plus.get_config("quickstart")
+    assert m.model.arch == "mst_plus_plus" and not m.train_discriminator
+    assert m.model.mst_plus_plus == mst_plus_plus.get_config().model.mst_plus_plus
+    assert m.data.to_dict() == q.data.to_dict() and m.batch_size == q.batch_size
+    assert (m.epochs, m.iterations_per_epoch, m.ema_decay) == (
+        q.epochs,
+        q.iterations_per_epoch,
+        q.ema_decay,
+    )
+    for module, arg in ((quickstart, "gann"), (mst_plus_plus, "tiny")):
+        with pytest.raises(ValueError, match=f":{arg}: unknown variant"):
+            module.get_config(arg)
