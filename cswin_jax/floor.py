@@ -12,7 +12,10 @@ so every table and validation curve has its reference:
   scene (`sample_pixels`, a numpy generator seeded with `seed`: deterministic). Every feature
   but the constant is standardised with its mean and standard deviation over those pixels
   (the same polynomial space, a far better conditioned system), then `np.linalg.lstsq`
-  solves for all bands at once in float64.
+  solves for all bands at once in float64. `objective='mrae'` instead minimises the
+  benchmark's own loss, the mean relative absolute error, by iteratively reweighted least
+  squares (`fit_mrae`): a stronger reference where scenes differ in scale, since least
+  squares is pulled by the brightest scenes while MRAE punishes overshooting dark ones.
 * Score: each scene of the scored split is predicted on its full frame and scored by
   `evaluate.score_scene` (the centre-crop protocol of `metrics.center_crop_metrics`, raw and
   optionally clamped to [0, 1]); mean and std over scenes by `evaluate.summarize`.
@@ -48,6 +51,9 @@ from cswin_jax.data import arad
 
 ORDERS = (1, 2, 3)
 ORDER_NAMES = {1: "linear + bias", 2: "quadratic", 3: "cubic"}
+OBJECTIVES = ("lsq", "mrae")  # least squares (the floor) | MRAE by reweighted least squares
+MRAE_FIT_ITERATIONS = 50
+MRAE_FIT_MIN_RELATIVE_RESIDUAL = 1e-4  # IRLS weight cap: |r| / y below this counts as this
 TABLE_METRICS = ("mrae", "rmse", "psnr", "sam")  # the columns `evaluate.format_table` shows
 
 
@@ -84,10 +90,12 @@ class PolynomialFloor:
     feature_mean: np.ndarray
     feature_scale: np.ndarray
     weights: np.ndarray
+    objective: str = "lsq"
 
     @property
     def name(self) -> str:
-        return f"order {self.order} ({ORDER_NAMES[self.order]})"
+        fitted = ", MRAE fit" if self.objective == "mrae" else ""
+        return f"order {self.order} ({ORDER_NAMES[self.order]}{fitted})"
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """rgb: [..., 3] float in [0, 1] (normalised as the readers do) -> [..., bands] float32."""
@@ -98,8 +106,11 @@ class PolynomialFloor:
         return hsi.astype(np.float32).reshape(*rgb.shape[:-1], self.weights.shape[1])
 
 
-def fit(rgb: np.ndarray, hsi: np.ndarray, order: int) -> PolynomialFloor:
-    """Least-squares polynomial fit of `order`. rgb: [N, 3], hsi: [N, bands]."""
+def fit(rgb: np.ndarray, hsi: np.ndarray, order: int, objective: str = "lsq") -> PolynomialFloor:
+    """Polynomial fit of `order`: least squares, or MRAE (`objective='mrae'`, `fit_mrae`).
+    rgb: [N, 3], hsi: [N, bands]."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"floor objective {objective!r}: use one of {OBJECTIVES}")
     rgb, hsi = np.asarray(rgb), np.asarray(hsi, np.float64)
     if rgb.ndim != 2 or rgb.shape[1] != 3 or hsi.ndim != 2 or len(hsi) != len(rgb):
         raise ValueError(f"floor fit: expected rgb [N, 3] and hsi [N, bands], got {rgb.shape} "
@@ -115,7 +126,39 @@ def fit(rgb: np.ndarray, hsi: np.ndarray, order: int) -> PolynomialFloor:
     scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature: lstsq's minimum norm
     design = np.concatenate([np.ones((len(features), 1)), (features - mean) / scale], axis=1)
     weights, *_ = np.linalg.lstsq(design, hsi, rcond=None)
-    return PolynomialFloor(order, mean, scale, weights)
+    if objective == "mrae":
+        weights = fit_mrae(design, hsi, weights)
+    return PolynomialFloor(order, mean, scale, weights, objective)
+
+
+def fit_mrae(
+    design: np.ndarray, hsi: np.ndarray, weights: np.ndarray, iterations: int = MRAE_FIT_ITERATIONS
+) -> np.ndarray:
+    """Weights minimising mean |design @ w - hsi| / hsi per band, from `weights`.
+
+    Iteratively reweighted least squares: |r| / y = r^2 / (y^2 |r| / y), so each round solves
+    the least-squares problem weighted by 1 / (y^2 max(|r| / y, 1e-4)) with the previous
+    round's residuals r (all bands at once through their normal equations). Pixels whose
+    truth is not positive are left out (MRAE is undefined there).
+
+    Args:
+      design: [N, F] float64 (constant column first).
+      hsi: [N, bands] float64.
+      weights: [F, bands] starting point (the least-squares solution).
+    Returns:
+      [F, bands] float64.
+    """
+    positive = np.all(hsi > 0, axis=1)
+    design, hsi = design[positive], hsi[positive]
+    if len(design) <= design.shape[1]:
+        raise ValueError("floor fit (objective 'mrae'): too few pixels with positive spectra")
+    for _ in range(iterations):
+        relative = np.abs(design @ weights - hsi) / hsi
+        u = 1.0 / (hsi * hsi * np.maximum(relative, MRAE_FIT_MIN_RELATIVE_RESIDUAL))  # [N, B]
+        gram = np.einsum("nf,nb,ng->bfg", design, u, design)
+        rhs = np.einsum("nf,nb->bf", design, u * hsi)
+        weights = np.linalg.solve(gram, rhs[..., None])[..., 0].T
+    return weights
 
 
 def _pixel_source(scenes: Any, index: int):
@@ -203,19 +246,21 @@ def evaluate_floor(
     num_pixels: int = 32768,
     seed: int = 0,
     clamp_predictions: bool = True,
+    objective: str = "lsq",
 ) -> dict[str, Any]:
-    """Fits each order on `train_scenes`, scores it on `scenes`.
+    """Fits each order on `train_scenes` (least squares, or MRAE with `objective='mrae'`),
+    scores it on `scenes`.
 
-    Returns a JSON-ready summary: num_pixels, num_train_scenes, seed, seconds (fit and score
-    together), and `orders`: per order {order, name, num_coefficients, mean, std, num_scored}
-    (mean/std of the metrics as `evaluate.summarize` gives them).
+    Returns a JSON-ready summary: num_pixels, num_train_scenes, seed, objective, seconds (fit
+    and score together), and `orders`: per order {order, name, num_coefficients, mean, std,
+    num_scored} (mean/std of the metrics as `evaluate.summarize` gives them).
     """
     start = time.perf_counter()
     orders = sorted({int(k) for k in orders})
     for order in orders:
         monomials(order)  # an unknown order fails before any pixel is read
     rgb, hsi = sample_pixels(train_scenes, num_pixels, seed)
-    floors = [fit(rgb, hsi, order) for order in orders]
+    floors = [fit(rgb, hsi, order, objective) for order in orders]
     rows = score(floors, scenes, clamp_predictions=clamp_predictions)
     results = []
     for floor in floors:
@@ -234,6 +279,7 @@ def evaluate_floor(
         "num_pixels": len(rgb),
         "num_train_scenes": len(train_scenes),
         "seed": seed,
+        "objective": objective,
         "orders": results,
         "seconds": time.perf_counter() - start,
     }
@@ -276,8 +322,9 @@ def format_rows(
 def describe(summary: Mapping[str, Any]) -> str:
     """One line: what the floor rows of `summary` (from `evaluate_floor`) are."""
     orders = ", ".join(f"order {r['order']} = {ORDER_NAMES[r['order']]}" for r in summary["orders"])
+    how = "MRAE fit" if summary.get("objective") == "mrae" else "least squares"
     return (
-        f"per-pixel floor: polynomial least squares RGB -> bands, fit on {summary['num_pixels']} "
+        f"per-pixel floor: polynomial {how} RGB -> bands, fit on {summary['num_pixels']} "
         f"pixels of {summary['num_train_scenes']} training scenes (seed {summary['seed']}); "
         f"{orders}"
     )
@@ -329,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--orders", default=None, help="e.g. 1,2,3 (default: eval.floor_orders)")
     parser.add_argument("--pixels", type=int, default=None, help="training pixels to fit on")
     parser.add_argument("--seed", type=int, default=None, help="seed of the pixel draw")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="lsq",
+                        help="lsq: least squares (the floor); mrae: minimise MRAE")  # fmt: skip
     parser.add_argument("--noclamp", dest="clamp", action="store_false",
                         help="leave out the metrics of the clamped predictions")  # fmt: skip
     parser.add_argument("--output", help="also write the summary to this JSON file")
@@ -381,7 +430,9 @@ def run(args) -> dict[str, Any]:
     if not any(scene.hsi is not None for scene in scenes):
         raise ValueError(f"{data_root}: the {args.split} split has no ground-truth cubes to "
                          "score the floor on; pass --split valid")  # fmt: skip
-    summary = evaluate_floor(train_scenes, scenes, clamp_predictions=args.clamp, **options)
+    summary = evaluate_floor(
+        train_scenes, scenes, clamp_predictions=args.clamp, objective=args.objective, **options
+    )
     summary["settings"] = {"data_root": str(data_root), "split": args.split}
     print(format_table(summary))
     print(f"fit and scored in {summary['seconds']:.1f} s")
