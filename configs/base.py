@@ -196,3 +196,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.floor_pixels = 32768
     c.eval.floor_seed = 0
     return c
+
+
+def generator_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns `config` into a generator-only recipe: no discriminator, no adversarial, SAM or R1
+    term, fixed loss weights (the reconstruction terms lambda_rec / lambda_mrae stay)."""
+    config.train_discriminator = False
+    config.loss.use_adaptive_weights = False
+    config.loss.lambda_adversarial = 0.0
+    config.loss.lambda_sam = 0.0
+    config.loss.use_r1 = False
+    return config

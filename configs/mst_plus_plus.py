@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
     config = base.get_config()
     config.recipe = "mst_plus_plus"
     config.model.arch = "mst_plus_plus"
-    config.train_discriminator = False
+    base.generator_only(config)
     config.gradient_accumulation_steps = 1
     config.mixed_precision = False  # the reference trains in float32
     config.optim.generator_lr = 4e-4
@@ -37,10 +37,6 @@ def get_config(arg: str | None = None):
     config.optim.grad_clip_norm = 0.0
     config.loss.lambda_rec = 0.0
     config.loss.lambda_mrae = 1.0
-    config.loss.use_adaptive_weights = False
-    config.loss.lambda_adversarial = 0.0
-    config.loss.lambda_sam = 0.0
-    config.loss.use_r1 = False
     if arg == "quickstart":
         config.recipe = "mst_plus_plus:quickstart"
         quickstart.quickstart_run(config)

@@ -10,7 +10,7 @@ from configs import base
 def get_config(arg: str | None = None):
     config = base.get_config(arg)
     config.recipe = "optimized"
-    config.train_discriminator = False
+    base.generator_only(config)
     config.gradient_accumulation_steps = 1
     config.model.remat = "block"
     config.optim.generator_lr = 4e-4
@@ -18,8 +18,4 @@ def get_config(arg: str | None = None):
     config.optim.b2 = 0.999
     config.optim.warmup_steps = 0
     config.optim.total_steps = 300_000
-    config.loss.use_adaptive_weights = False
-    config.loss.lambda_adversarial = 0.0
-    config.loss.lambda_sam = 0.0
-    config.loss.use_r1 = False
     return config

@@ -49,12 +49,8 @@ def get_config(arg: str | None = None):
     config.loss.warmup_iterations = 100
     config.sinkhorn.max_points = 64
     if variant == "generator":
-        config.train_discriminator = False
+        base.generator_only(config)
         config.optim.b1 = 0.9
-        config.loss.use_adaptive_weights = False
-        config.loss.lambda_adversarial = 0.0
-        config.loss.lambda_sam = 0.0
-        config.loss.use_r1 = False
     return config
 
 
