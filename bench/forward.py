@@ -3,6 +3,7 @@
 Run directly (not through pytest, whose XLA flags slow the compiled code down):
 
   python bench/forward.py [--sizes 128x128,482x512] [--repeats 3] [--dtype float32]
+      [--config configs/base.py[:arg]]
 
 Prints one line per size: compile time, then the median / min forward time of `--repeats`
 runs on one image (batch 1), each timed to `block_until_ready`.
@@ -11,6 +12,7 @@ runs on one image (batch 1), each timed to `block_until_ready`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
@@ -18,8 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.base import get_config
 from cswin_jax.models.generator import build_generator
+
+
+def load_config(spec: str):
+    """`configs/quickstart.py:generator` -> configs.quickstart.get_config('generator')."""
+    path, _, arg = spec.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return module.get_config(arg or None)
 
 
 def main() -> None:
@@ -28,9 +36,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--attention-mode", default="v2", choices=["v2", "cswin"])
+    parser.add_argument("--config", default="configs/base.py", help="recipe[:arg] (its model)")
     args = parser.parse_args()
 
-    model_cfg = get_config().model
+    model_cfg = load_config(args.config).model
     model_cfg.attention_mode = args.attention_mode
     model = build_generator(model_cfg, dtype=jnp.dtype(args.dtype))
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]

@@ -11,7 +11,7 @@ fake batches (softplus GAN loss); Adam updates for both, with parameters and opt
 donated. Batch 20 is one micro-batch (the default recipe's gradient accumulation 2 uses 10).
 
 `--trainer` analyses the trainer's own step instead (`Trainer.train_step` of the config: the
-Sinkhorn divergences, R1 in its lazy `lax.cond`, EMA, non-finite skips), per policy and per
+Sinkhorn divergences, R1 (the program of R1 steps), EMA, non-finite skips), per policy and per
 `loss.r1_chunks`. Measured on 2 CPU cores, configs/gan.py, batch 20, block (XLA temp / peak,
 GiB): r1_chunks 1: 32.05 / 32.32 (the step then fails to allocate on a 24 GiB machine);
 r1_chunks 4: 15.70 / 15.97; with `--disc_remat on`: r1_chunks 4: 14.71 / 14.98, r1_chunks 20:
@@ -47,6 +47,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     ).strip()
 
 import argparse
+import functools
 import importlib.util
 import math
 import pathlib
@@ -183,8 +184,9 @@ def compiled_memory(compiled, compile_s: float) -> dict:
 
 
 def analyse_trainer(config, policy: str, batch: int, patch: int):
-    """XLA's memory analysis of the trainer's own step (`Trainer.train_step`: Sinkhorn
-    divergences, R1 inside its lazy `lax.cond`, EMA, non-finite skips), one micro-batch."""
+    """XLA's memory analysis of the trainer's own step with R1 (`Trainer.train_step` of the
+    R1 step kind: Sinkhorn divergences, R1, EMA, non-finite skips), one micro-batch: the
+    larger of the loop's two programs."""
     from cswin_jax import train  # noqa: PLC0415
 
     config.model.remat = policy
@@ -199,7 +201,8 @@ def analyse_trainer(config, policy: str, batch: int, patch: int):
         "hsi": jax.ShapeDtypeStruct((*shape, config.model.out_channels), jnp.float32),
     }
     start = time.perf_counter()
-    compiled = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, data).compile()
+    step = functools.partial(trainer.train_step, kind=train.StepKind(True, True))
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, data).compile()
     return compiled_memory(compiled, time.perf_counter() - start)
 
 

@@ -20,6 +20,7 @@ size, with its reference loss and optimizer, on the quick start's data and batch
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import pathlib
@@ -102,8 +103,9 @@ def on_files(config, data_root: pathlib.Path):
 
 
 def step_seconds(config, num_steps: int) -> tuple[float, float]:
-    """(compile seconds, median seconds per training step) of `config`'s step."""
-    from cswin_jax import loop, sharding  # noqa: PLC0415
+    """(compile seconds, seconds per training step) of `config`'s steps: each kind of step
+    (`train.step_kind`: with or without R1) timed, weighted by how often the schedule runs it."""
+    from cswin_jax import loop, sharding, train  # noqa: PLC0415
 
     mesh = sharding.make_mesh()
     start = time.perf_counter()
@@ -118,14 +120,19 @@ def step_seconds(config, num_steps: int) -> tuple[float, float]:
         "hsi": rng.uniform(0.01, 1, (*shape, config.model.out_channels)).astype(np.float32),
     }
     batch = jax.device_put(batch, programs.batch_sharding)
-    times = []
-    for _ in range(num_steps + 1):  # the first step pays one-time costs
-        t0 = time.perf_counter()
-        state, metrics = programs.step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    period = max(1, config.n_critic) * max(1, config.loss.r1_interval)
+    share = collections.Counter(train.step_kind(config, s) for s in range(period))
+    seconds = 0.0
+    for kind, step_fn in programs.step_fns.items():
+        times = []
+        for _ in range(num_steps + 1):  # the first run pays one-time costs
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        seconds += share[kind] / period * float(np.median(times[1:]))
     loop.clear_compiled_programs()
-    return compile_s, float(np.median(times[1:]))
+    return compile_s, seconds
 
 
 def final_validation(workdir: pathlib.Path, step: int) -> dict:

@@ -5,20 +5,21 @@
 
 One step = one generator update + one discriminator update (Sinkhorn; lazy R1 on every
 `loss.r1_interval`-th discriminator step), gradient accumulation 1, 128x128 patches. Per batch
-size the step is compiled ahead of time (reported apart), then `--steps` steps without R1 are
-timed (median), then one step with R1 (skipped with `--r1_step=false`). The line gives both,
+size the loop's two programs (with and without R1) are compiled ahead of time (reported apart),
+then `--steps` steps without R1 are timed (median), then the step with R1 (the faster of two
+runs; skipped with `--r1_step=false`). The line gives both,
 and the mean over one R1 interval ((r1 + (interval - 1) * plain) / interval), which is what a
 long run pays per step. Runs on whatever JAX finds (GPU when present). On a 24 GiB CPU host
 batch 20 needs `--config.model.remat=block --config.loss.r1_chunks=4` (15.7 GiB of XLA
 temporaries; the recipe's defaults need 76 GB there, see bench/memory.py).
 """
 
+import functools
 import resource
 import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -33,6 +34,13 @@ _R1_STEP = flags.DEFINE_bool("r1_step", True, "time one step with the R1 penalty
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _peak_device_memory() -> str:
+    """The device allocator's peak so far (GPU), or 'n/a' where the backend keeps no stats."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
 def _timed(step, state, batch):
@@ -52,10 +60,7 @@ def main(argv):
         trainer = train.Trainer(config)
         state = jax.jit(trainer.init_state)(jax.random.key(0))
         interval = max(1, int(config.loss.r1_interval))
-        uses_r1 = bool(config.loss.use_r1) and bool(config.train_discriminator)
-        # Start the discriminator's step count off the R1 grid: the plain steps run first (their
-        # median absorbs the first execution's one-time costs), then one step on the grid.
-        state = state.replace(disc_step=jnp.ones_like(state.disc_step))
+        uses_r1 = _R1_STEP.value and bool(config.loss.use_r1) and bool(config.train_discriminator)
         p = config.data.patch_size
         rng = np.random.default_rng(0)
         batch = jax.device_put(
@@ -64,26 +69,42 @@ def main(argv):
                 "hsi": rng.uniform(0, 1, (1, batch_size, p, p, 31)).astype(np.float32),
             }
         )
-        t0 = time.perf_counter()
-        step = jax.jit(trainer.train_step, donate_argnums=(0,)).lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        memory = step.memory_analysis()
-        temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "n/a"
-        print(
-            f"batch {batch_size:3d}: compiled in {compile_s:.1f} s, XLA temporaries {temp}",
-            flush=True,
-        )
+        # The loop's programs: one per step kind (with and without R1), compiled one by one
+        # here so that each reports its own compile time and XLA temporaries.
+        kinds = [train.PLAIN_STEP] + ([train.StepKind(True, True)] if uses_r1 else [])
+        if not config.train_discriminator:
+            kinds = [train.StepKind(False, False)]
+        steps = {}
+        for kind in kinds:
+            t0 = time.perf_counter()
+            steps[kind] = (
+                jax.jit(functools.partial(trainer.train_step, kind=kind), donate_argnums=(0,))
+                .lower(state, batch)
+                .compile()
+            )
+            compile_s = time.perf_counter() - t0
+            memory = steps[kind].memory_analysis()
+            temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "n/a"
+            name = "with R1" if kind.r1 else "without R1"
+            print(
+                f"batch {batch_size:3d}: step {name} compiled in {compile_s:.1f} s, "
+                f"XLA temporaries {temp}",
+                flush=True,
+            )
+        # The plain steps first (their median absorbs the first execution's one-time costs).
         times = []
         for _ in range(_STEPS.value):
-            state, m, seconds = _timed(step, state, batch)
+            state, m, seconds = _timed(steps[kinds[0]], state, batch)
             times.append(seconds)
             print(f"batch {batch_size:3d}: step without R1 {1e3 * seconds:.1f} ms", flush=True)
         r1_s = None
-        if _R1_STEP.value and uses_r1:
-            state = state.replace(disc_step=jnp.full_like(state.disc_step, interval))
-            state, m, r1_s = _timed(step, state, batch)
+        if uses_r1:
+            state, m, r1_s = _timed(steps[kinds[1]], state, batch)
+            state, m, r1_s2 = _timed(steps[kinds[1]], state, batch)
+            r1_s = min(r1_s, r1_s2)  # the first run of a program pays one-time costs
             print(f"batch {batch_size:3d}: step with R1 {1e3 * r1_s:.1f} ms", flush=True)
         ms = 1e3 * statistics.median(times)
+        mean_ms = ms
         line = (
             f"batch {batch_size:3d} patch {p}: {ms:9.1f} ms/step without R1, "
             f"{batch_size / (ms / 1e3):8.2f} patches/s"
@@ -95,9 +116,10 @@ def main(argv):
                 f"{mean_ms:.1f} ms/step, {batch_size / (mean_ms / 1e3):.2f} patches/s"
             )
         print(
-            f"{line} (compile {compile_s:.1f} s; mixed_precision={config.mixed_precision}, "
-            f"remat={config.model.remat}, r1_chunks={config.loss.get('r1_chunks', 1)}, "
-            f"peak RSS so far {_peak_rss_gib():.1f} GiB, gen_loss={float(m['gen_loss']):.4f})",
+            f"{line} (mixed_precision={config.mixed_precision}, remat={config.model.remat}, "
+            f"r1_chunks={config.loss.get('r1_chunks', 1)}, peak RSS so far "
+            f"{_peak_rss_gib():.1f} GiB, peak device memory so far {_peak_device_memory()}, "
+            f"{1e3 / mean_ms:.2f} steps/s, gen_loss={float(m['gen_loss']):.4f})",
             flush=True,
         )
 

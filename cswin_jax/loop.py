@@ -7,6 +7,7 @@ writers and the progress bar.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import math
@@ -27,7 +28,15 @@ from jax.sharding import PartitionSpec as P
 from cswin_jax import checkpoint as ckpt_lib
 from cswin_jax import evaluate, models, sharding
 from cswin_jax.data import pipeline
-from cswin_jax.train import Trainer, TrainState, total_steps, validate_config
+from cswin_jax.train import (
+    StepKind,
+    Trainer,
+    TrainState,
+    step_kind,
+    step_kinds,
+    total_steps,
+    validate_config,
+)
 
 
 def _state_shardings(state_shape: TrainState, mesh) -> TrainState:
@@ -56,7 +65,8 @@ class Programs(NamedTuple):
     state_sharding: TrainState
     batch_sharding: NamedSharding
     init_fn: jax.stages.Compiled  # rng key -> TrainState
-    step_fn: jax.stages.Compiled  # (state, batch) -> (state, metrics), state donated
+    # Per `StepKind` the run has: (state, batch) -> (state, metrics), state donated.
+    step_fns: Mapping[StepKind, jax.stages.Compiled]
     predict_fn: Callable  # (params, rgb [B, H, W, 3]) -> hsi (jitted)
 
 
@@ -100,9 +110,10 @@ def clear_compiled_programs() -> None:
 
 
 def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
-    """The trainer for `config` and its programs on `mesh`, the initialiser and the train
-    step compiled ahead of time (`jit(...).lower(...).compile()`) for the loop's batch shape
-    and shardings.
+    """The trainer for `config` and its programs on `mesh`, the initialiser and one train
+    step per `StepKind` the run has (`train.step_kinds`: with and without R1 for the GAN
+    recipes), compiled ahead of time (`jit(...).lower(...).compile()`, side by side) for the
+    loop's batch shape and shardings.
 
     Kept for the newest (config, devices) pair of this process, so another
     `train_and_evaluate` call with the same config (a resume in the same process, a notebook
@@ -129,13 +140,13 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         state_shape,
         state_sharding,
     )
-    step_fn = (
-        trainer.make_train_step(
-            state_sharding, batch_sharding, sharding.replicated(mesh), donate=True
-        )
-        .lower(abstract_state, abstract_batch)
-        .compile()
-    )
+    lowered = {
+        kind: trainer.make_train_step(
+            state_sharding, batch_sharding, sharding.replicated(mesh), donate=True, kind=kind
+        ).lower(abstract_state, abstract_batch)
+        for kind in step_kinds(config, 0, total_steps(config))
+    }
+    step_fns = _compile_in_parallel(lowered)
     init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
     init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
     programs = Programs(
@@ -144,11 +155,21 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
         init_fn=init_fn,
-        step_fn=step_fn,
+        step_fns=step_fns,
         predict_fn=jax.jit(trainer.predict),
     )
     _PROGRAMS[key] = programs
     return programs
+
+
+def _compile_in_parallel(lowered: Mapping) -> dict:
+    """`{key: lowered.compile()}`, the compilations run side by side in threads (XLA compiles
+    a program mostly on one core, and releases the GIL while it does)."""
+    if len(lowered) == 1:
+        return {k: v.compile() for k, v in lowered.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
+        futures = {k: pool.submit(v.compile) for k, v in lowered.items()}
+        return {k: f.result() for k, f in futures.items()}
 
 
 class _StopRequested:
@@ -289,7 +310,7 @@ def train_and_evaluate(
             state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
     best_mrae = checkpointer.best_metric()
     best_mrae = math.inf if best_mrae is None else best_mrae
-    step_fn, predict_fn = programs.step_fn, programs.predict_fn
+    step_fns, predict_fn = programs.step_fns, programs.predict_fn
 
     # Loop steps count the batches consumed and number the checkpoints (`start` is the restored
     # one's); state.step counts the generator updates applied, lower after a skipped step.
@@ -307,7 +328,7 @@ def train_and_evaluate(
                 k: jax.make_array_from_process_local_data(batch_sharding, v)
                 for k, v in host_batch.items()
             }
-            state, step_metrics = step_fn(state, batch)
+            state, step_metrics = step_fns[step_kind(config, step)](state, batch)
             step += 1
             history.append(step_metrics)
             if step % config.log_every == 0 or step == n_steps:

@@ -3,9 +3,16 @@
 The generator is the one `config.model.arch` names (`cswin_jax.models.build_generator`: the
 CSWin U-Net or MST++, which is trained generator-only).
 
-`train_step(state, batch) -> (state, metrics)` is pure and jitted once with explicit
+`train_step(state, batch, kind) -> (state, metrics)` is pure and jitted with explicit
 shardings over a `('data',)` mesh: parameters and optimizer states replicated, batches split
-along the batch axis. One call is one generator optimizer step:
+along the batch axis. `kind` (static, `step_kind(config, step)` of the loop's step) says
+whether the step updates the discriminator and whether it adds R1; the loop compiles one
+program per kind it needs (two for the default recipe: with and without R1) and calls the
+right one. A data-dependent `lax.cond` inside one program would be simpler, but XLA CPU runs
+the convolutions of a conditional's branch an order of magnitude slower than the same
+convolutions at the top level of a program (`bench/step_parts.py`: r1 vs r1_cond), and R1
+and the discriminator update are mostly convolution gradients. One call is one generator
+optimizer step:
 
 1. Generator: `gradient_accumulation_steps` micro-batches (`batch['rgb']` is
    `[A, B, P, P, 3]`) are accumulated (a scan on accelerators, unrolled on CPU); each runs G,
@@ -13,9 +20,10 @@ along the batch axis. One call is one generator optimizer step:
    gradient; the mean gradient is clipped to global norm `optim.grad_clip_norm` (0: not
    clipped) and applied with Adam. The EMA of the generator weights follows. Without the
    discriminator (`train_discriminator=False`) the loss is `Trainer._reconstruction_loss`.
-2. Discriminator (every `n_critic` generator steps): on the last micro-batch, with the fake
-   from step 1 detached, loss `-mean S(real, fake)` plus lazy R1 (every `loss.r1_interval`
-   discriminator steps, scaled by the interval), clipped and applied with its own Adam.
+2. Discriminator (on every `n_critic`-th loop step): on the last micro-batch, with the fake
+   from step 1 detached, loss `-mean S(real, fake)` plus lazy R1 (on every
+   `loss.r1_interval`-th discriminator update, scaled by the interval), clipped and applied
+   with its own Adam.
 
 Spectral-norm state advances on every training-mode discriminator call, as in the original.
 A step whose loss or gradients are not finite changes nothing (parameters, optimizer states,
@@ -30,8 +38,9 @@ scored; training resumes exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -61,6 +70,48 @@ class TrainState:
     nonfinite_streak: jax.Array  # consecutive steps with a skipped (G or D) update right now
     nonfinite_peak: jax.Array  # longest streak seen (checked by the host loop)
     nonfinite_total: jax.Array  # steps with a skipped update so far
+
+
+class FakeBatch(NamedTuple):
+    """What the discriminator update takes from the generator step (last micro-batch)."""
+
+    hsi: jax.Array  # [B, P, P, 31] float32 generated HSI, detached
+    sn_real: PyTree  # the spectral-norm state the generator step's D(real) call read
+
+
+class StepKind(NamedTuple):
+    """What one training step runs besides the generator update (a static program choice)."""
+
+    discriminator: bool  # updates the discriminator
+    r1: bool  # adds the lazy R1 penalty to that update
+
+
+PLAIN_STEP = StepKind(True, False)  # a discriminator update without R1: most steps of a GAN run
+
+
+def step_kind(config: ml_collections.ConfigDict, step: int) -> StepKind:
+    """The kind of loop step `step` (0-based: the batches consumed before it).
+
+    The discriminator updates on every `n_critic`-th loop step (0, n, 2n, ...); R1 joins on
+    every `loss.r1_interval`-th of those updates, counted from the first. Both count loop
+    steps, which the host knows and a checkpoint records, so the schedule needs no device
+    value and resumes exactly; a step whose update was skipped as non-finite keeps its place
+    in it.
+    """
+    if not config.train_discriminator:
+        return StepKind(False, False)
+    n_critic = max(1, int(config.n_critic))
+    if step % n_critic:
+        return StepKind(False, False)
+    interval = max(1, int(config.loss.r1_interval))
+    return StepKind(True, bool(config.loss.use_r1) and (step // n_critic) % interval == 0)
+
+
+def step_kinds(config: ml_collections.ConfigDict, start: int, stop: int) -> list[StepKind]:
+    """The distinct kinds of loop steps `start`..`stop - 1` (one schedule period at most)."""
+    period = max(1, int(config.n_critic)) * max(1, int(config.loss.r1_interval))
+    kinds = {step_kind(config, s) for s in range(start, min(stop, start + period))}
+    return sorted(kinds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +323,11 @@ class Trainer:
         return logits, updates["spectral_norm"]
 
     def _generator_micro_step(self, state: TrainState, sn_state, rgb, hsi):
-        """Loss and gradient of the generator on one micro-batch."""
+        """Loss and gradient of the generator on one micro-batch; also the spectral-norm state
+        its D(real) call read (the discriminator update repeats that exact call)."""
         config = self.config
         real_logits = None
+        sn_real = sn_state
         if self.use_disc:
             real_logits, sn_state = self._disc_train(state.disc_params, sn_state, rgb, hsi)
             real_logits = jax.lax.stop_gradient(real_logits)
@@ -295,7 +348,7 @@ class Trainer:
         (loss, (terms, hsi_pred, sn_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.gen_params
         )
-        return loss, terms, grads, jax.lax.stop_gradient(hsi_pred), sn_state
+        return loss, terms, grads, jax.lax.stop_gradient(hsi_pred), sn_state, sn_real
 
     def _reconstruction_loss(self, hsi_pred, hsi):
         """Generator-only objective: lambda_rec * Charbonnier + lambda_mrae * MRAE. A term
@@ -315,36 +368,35 @@ class Trainer:
 
     # -- discriminator ------------------------------------------------------------------------
 
-    def _discriminator_update(self, state: TrainState, sn_state, rgb, hsi, hsi_fake):
+    def _discriminator_update(self, state: TrainState, fake: FakeBatch, rgb, hsi, r1: bool):
+        """One discriminator update on (rgb, hsi) and the detached fake.
+
+        D(real) repeats the generator step's call on the same batch with the same parameters
+        and spectral-norm state, so, as in the original, the discriminator loss sees the real
+        logits the generator saw (three power iterations per step, four with R1); D(fake)
+        continues from the state after the generator's D(fake) call.
+        """
         config = self.config
         interval = max(1, int(config.loss.r1_interval))
-        do_r1 = state.disc_step % interval == 0
 
         def loss_fn(disc_params):
-            real_logits, sn = self._disc_train(disc_params, sn_state, rgb, hsi)
-            fake_logits, sn = self._disc_train(disc_params, sn, rgb, hsi_fake)
+            real_logits, _ = self._disc_train(disc_params, fake.sn_real, rgb, hsi)
+            fake_logits, sn = self._disc_train(disc_params, state.disc_spectral_norm, rgb, fake.hsi)
             adv = losses.discriminator_sinkhorn_loss(real_logits, fake_logits, config.sinkhorn)
+            penalty = jnp.zeros((), jnp.float32)
+            if r1:
 
-            def with_r1(sn_in):
                 def logits_fn(rgb_in, h):
-                    return self._disc_train(disc_params, sn_in, rgb_in, h)
+                    return self._disc_train(disc_params, sn, rgb_in, h)
 
                 chunks = config.loss.get("r1_chunks", 1)
-                penalty, sn_out = losses.chunked_r1_penalty(
+                penalty, sn = losses.chunked_r1_penalty(
                     logits_fn, rgb, hsi, config.loss.r1_gamma, chunks=chunks
                 )
-                return penalty.astype(jnp.float32), sn_out
-
-            def without_r1(sn_in):
-                return jnp.zeros((), jnp.float32), sn_in
-
-            if config.loss.use_r1:
-                r1, sn = jax.lax.cond(do_r1, with_r1, without_r1, sn)
-            else:
-                r1 = jnp.zeros((), jnp.float32)
-            # Lazy regularisation: applied every `interval` steps, scaled by the interval.
-            total = adv + interval * r1
-            return total, ({"disc_sinkhorn": adv, "r1": r1}, sn)
+                penalty = penalty.astype(jnp.float32)
+            # Lazy regularisation: applied every `interval` updates, scaled by the interval.
+            total = adv + interval * penalty
+            return total, ({"disc_sinkhorn": adv, "r1": penalty}, sn)
 
         (loss, (terms, new_sn)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.disc_params
@@ -373,24 +425,25 @@ class Trainer:
         """The generator update of `train_step`; also returns the last micro-batch's fake.
 
         Returns:
-          (new_state, metrics, hsi_fake [B, P, P, 31] float32, detached).
+          (new_state, metrics, `FakeBatch` of the last micro-batch).
         """
         config = self.config
         n_micro = batch["rgb"].shape[0]
 
         def micro_step(carry, micro_batch):
-            grad_sum, loss_sum, sn, _ = carry
-            loss, terms, grads, hsi_pred, sn = self._generator_micro_step(
+            grad_sum, loss_sum, sn, _, _ = carry
+            loss, terms, grads, hsi_pred, sn, sn_real = self._generator_micro_step(
                 state, sn, micro_batch["rgb"], micro_batch["hsi"]
             )
-            carry = (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, sn, hsi_pred)
-            return carry, terms
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss, sn, hsi_pred, sn_real), terms
 
         carry = (
             jax.tree.map(jnp.zeros_like, state.gen_params),
             jnp.zeros((), jnp.float32),
             state.disc_spectral_norm,
             jnp.zeros(batch["hsi"].shape[1:], jnp.float32),  # the last micro-batch's fake
+            state.disc_spectral_norm,  # the state its D(real) call read
         )
         micro_batches = {"rgb": batch["rgb"], "hsi": batch["hsi"]}
         if n_micro == 1 or jax.default_backend() == "cpu":
@@ -399,12 +452,12 @@ class Trainer:
             # in a scan, the generator's convolutions (mostly 3x3 kernel gradients) took 74 s
             # of op time in a 73 s default-width batch-2 step (16 s unrolled). Costs compile
             # time (1.8x at A = 2), not run time.
-            (grad_sum, loss_sum, sn, hsi_pred), terms = _unrolled_scan(
+            (grad_sum, loss_sum, sn, hsi_pred, sn_real), terms = _unrolled_scan(
                 micro_step, carry, micro_batches, n_micro
             )
         else:
             # One copy of the micro-step in the program, whatever A.
-            (grad_sum, loss_sum, sn, hsi_pred), terms = jax.lax.scan(
+            (grad_sum, loss_sum, sn, hsi_pred, sn_real), terms = jax.lax.scan(
                 micro_step, carry, micro_batches
             )
         terms = jax.tree.map(jnp.mean, terms)
@@ -434,45 +487,46 @@ class Trainer:
         }
         out.update(terms)
 
-        return new_state, out, hsi_pred
+        return new_state, out, FakeBatch(hsi_pred, sn_real)
 
-    def discriminator_step(self, state: TrainState, batch: Mapping[str, jax.Array], hsi_fake):
-        """The discriminator update of `train_step` on the last micro-batch (no-op without D)."""
-        config = self.config
+    def discriminator_step(
+        self,
+        state: TrainState,
+        batch: Mapping[str, jax.Array],
+        fake: FakeBatch,
+        kind: StepKind = PLAIN_STEP,
+    ):
+        """The discriminator update of `train_step` on the last micro-batch: zeros for its
+        metrics when `kind.discriminator` is off (the same metric keys in every program)."""
         if not self.use_disc:
             return state, {}
-        rgb, hsi = batch["rgb"][-1], batch["hsi"][-1]
-
-        def d_update(s):
-            return self._discriminator_update(s, s.disc_spectral_norm, rgb, hsi, hsi_fake)
-
-        if config.n_critic == 1:
-            new_state, d_out = d_update(state)
+        if kind.discriminator:
+            rgb, hsi = batch["rgb"][-1], batch["hsi"][-1]
+            new_state, d_out = self._discriminator_update(state, fake, rgb, hsi, kind.r1)
         else:
-            d_metric_keys = ("disc_loss", "disc_grad_norm", "disc_skipped", "disc_sinkhorn", "r1")
-
-            def no_d_update(s):
-                zeros = {k: jnp.zeros((), jnp.float32) for k in d_metric_keys}
-                zeros["disc_skipped"] = jnp.zeros((), jnp.int32)
-                return s, zeros
-
-            # state.step was already advanced by the generator update.
-            run_d = (state.step - 1) % config.n_critic == 0
-            new_state, d_out = jax.lax.cond(run_d, d_update, no_d_update, state)
+            keys = ("disc_loss", "disc_grad_norm", "disc_skipped", "disc_sinkhorn", "r1")
+            new_state, d_out = state, {k: jnp.zeros((), jnp.float32) for k in keys}
         d_out["lr_d"] = self.sched_d(state.disc_step)
         return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), d_out)
 
-    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
-        """One generator update and, every n_critic steps, one discriminator update. Pure.
+    def train_step(
+        self,
+        state: TrainState,
+        batch: Mapping[str, jax.Array],
+        kind: StepKind = PLAIN_STEP,
+    ):
+        """One generator update and, as `kind` says, a discriminator update with or without
+        R1. Pure; `kind` is static (`step_kind(config, loop_step)`).
 
         Args:
           state: the TrainState.
           batch: `rgb: [A, B, P, P, 3]`, `hsi: [A, B, P, P, 31]` float32, A micro-batches.
+          kind: the step's `StepKind`.
         Returns:
           (new_state, metrics) with float32 scalar metrics.
         """
-        state, out, hsi_fake = self.generator_step(state, batch)
-        state, d_out = self.discriminator_step(state, batch, hsi_fake)
+        state, out, fake = self.generator_step(state, batch)
+        state, d_out = self.discriminator_step(state, batch, fake, kind)
         out = dict(out, **d_out)
         # A step counts as non-finite when either network's update was skipped.
         skipped = out["gen_skipped"] > 0
@@ -487,10 +541,18 @@ class Trainer:
         out["nonfinite_total"] = state.nonfinite_total
         return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
 
-    def make_train_step(self, state_sharding, batch_sharding, metric_sharding, donate=True):
-        """`train_step` jitted with explicit shardings (the state donated unless `donate=False`)."""
+    def make_train_step(
+        self,
+        state_sharding,
+        batch_sharding,
+        metric_sharding,
+        donate=True,
+        kind: StepKind = PLAIN_STEP,
+    ):
+        """`train_step` of `kind` jitted with explicit shardings (the state donated unless
+        `donate=False`)."""
         return jax.jit(
-            self.train_step,
+            functools.partial(self.train_step, kind=StepKind(*kind)),
             in_shardings=(state_sharding, batch_sharding),
             out_shardings=(state_sharding, metric_sharding),
             donate_argnums=(0,) if donate else (),

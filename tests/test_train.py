@@ -96,7 +96,7 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
     state = programs.init_fn(jax.random.key(0))
     for seed in (0, 1):
         batch = jax.device_put(make_batch(tiny_trainer.config, seed), programs.batch_sharding)
-        state, m = programs.step_fn(state, batch)
+        state, m = programs.step_fns[train.step_kind(programs.trainer.config, seed)](state, batch)
     state = jax.device_get(state)
     np.testing.assert_allclose(m["gen_loss"], ref_history[1]["gen_loss"], rtol=1e-4)
     # Parameters after two Adam steps: Adam divides each gradient by its own running RMS, so
@@ -129,10 +129,13 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
 
 @SLOW
 def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
-    _, state, _, step, data, live_state = one_device_run
+    _, state, _, steps, data, live_state = one_device_run
     batch = make_batch(tiny_trainer.config, 5)
     batch["rgb"][0, 0, 0, 0, 0] = np.nan
-    # The live device state: the compiled step takes arrays with its own shardings.
+    # The live device state: the compiled step takes arrays with its own shardings. Loop
+    # step 2 is an R1 step (r1_interval = 2).
+    step = steps[train.step_kind(tiny_trainer.config, 2)]
+    assert train.step_kind(tiny_trainer.config, 2).r1
     new_state, m = step(live_state, jax.device_put(batch, data))
     new_state = jax.device_get(new_state)
     assert m["gen_skipped"] == 1
@@ -146,6 +149,29 @@ def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
         jax.tree.leaves(new_state.ema_params), jax.tree.leaves(state.ema_params), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_step_kind_schedule():
+    """The discriminator updates on every n_critic-th loop step, R1 on every
+    r1_interval-th of those updates; the loop compiles one program per kind it meets."""
+    config = tiny_config()
+    config.loss.r1_interval = 4
+    steps = range(17)
+    kinds = [train.step_kind(config, s) for s in steps]
+    assert all(k.discriminator for k in kinds)
+    assert [s for s, k in zip(steps, kinds, strict=True) if k.r1] == [0, 4, 8, 12, 16]
+    assert train.step_kinds(config, 0, 100) == [(True, False), (True, True)]
+    assert train.step_kinds(config, 0, 1) == [(True, True)]
+    assert train.step_kinds(config, 5, 7) == [(True, False)]
+    config.n_critic = 2
+    kinds = [train.step_kind(config, s) for s in steps]
+    assert [s for s, k in zip(steps, kinds, strict=True) if k.discriminator] == list(steps[::2])
+    assert [s for s, k in zip(steps, kinds, strict=True) if k.r1] == [0, 8, 16]
+    assert train.step_kinds(config, 0, 100) == [(False, False), (True, False), (True, True)]
+    config.loss.use_r1 = False
+    assert train.step_kinds(config, 0, 100) == [(False, False), (True, False)]
+    config.train_discriminator = False
+    assert train.step_kinds(config, 0, 100) == [(False, False)]
 
 
 def test_lr_schedule_warmup_and_floor():
@@ -189,6 +215,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[3])
+    from tests import train_setup
     from tests.train_setup import tiny_config, make_batch
     from cswin_jax import sharding, train
     config = tiny_config()
@@ -208,12 +235,11 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
             {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
     # Compile, then meet at a coordination-service barrier before the first collective, as
     # the training loop does (gloo gives a late peer 30 s; one process may compile slower).
-    step = trainer.make_train_step(sh, data, repl, donate=False)
-    step = step.lower(shape, batches[0]).compile()
+    steps = train_setup.compiled_steps(trainer, jax.devices(), shape, batches[0])
     sharding.wait_for_all_processes("two_process_test_compiled")
     state = init(jax.random.key(0))
-    for batch in batches:
-        state, m = step(state, batch)
+    for i, batch in enumerate(batches):
+        state, m = steps[train.step_kind(config, i)](state, batch)
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.gen_params)]
     print("RESULT " + json.dumps([float(np.sum(np.abs(x))) for x in leaves]), flush=True)
     """

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import quickstart
-from cswin_jax import train
+from cswin_jax import loop, train
 
 
 def release_compiled_programs() -> None:
@@ -72,34 +72,46 @@ def make_batch(config, seed=0):
     return {"rgb": rgb, "hsi": hsi}
 
 
-def jitted_step(trainer, devices, donate=False):
-    """(init, step, batch sharding) jitted as `loop.train_and_evaluate` jits them: over all
-    devices with `donate=True`, the step is the loop's program (a cache hit for the loop)."""
+def jitted_step(trainer, devices, donate=False, kind=train.PLAIN_STEP):
+    """(init, step of `kind`, batch sharding) jitted as `loop.train_and_evaluate` jits them:
+    over all devices with `donate=True`, the step is the loop's program."""
     mesh = Mesh(np.array(devices), ("data",))
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(None, "data"))
     state_shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
     state_sh = jax.tree.map(lambda _: repl, state_shape)
-    step = trainer.make_train_step(state_sh, data, repl, donate=donate)
+    step = trainer.make_train_step(state_sh, data, repl, donate=donate, kind=kind)
     init = jax.jit(trainer.init_state, out_shardings=state_sh)
     return init, step, data
 
 
+def compiled_steps(trainer, devices, state, batch, donate=False):
+    """`{kind: compiled step}` for every kind of step the trainer's config runs, compiled
+    side by side as the loop compiles them."""
+    config = trainer.config
+    lowered = {}
+    for kind in train.step_kinds(config, 0, train.total_steps(config)):
+        _, step, _ = jitted_step(trainer, devices, donate=donate, kind=kind)
+        lowered[kind] = step.lower(state, batch)
+    return loop._compile_in_parallel(lowered)
+
+
 def one_device_run(trainer):
-    """Two GAN steps on one device: (initial state, final state, metrics of each step, the
-    compiled step, its batch sharding, the final state as device arrays). States are host
-    copies except the last. The step is compiled ahead of time: a `jax.stages.Compiled`
-    outlives `jax.clear_caches()`, so later tests call it without reloading it from the
-    persistent cache (on CPU, about as slow as compiling it: measured 145 s vs ~150 s)."""
-    init, step, data = jitted_step(trainer, jax.devices()[:1])
+    """Two GAN steps on one device (loop steps 0 and 1: with R1, then without): (initial
+    state, final state, metrics of each step, `{kind: compiled step}`, the batch sharding,
+    the final state as device arrays). States are host copies except the last. The steps
+    are compiled ahead of time: a `jax.stages.Compiled` outlives `jax.clear_caches()`, so
+    later tests call them without reloading them from the persistent cache (on CPU, about
+    as slow as compiling: measured 145 s vs ~150 s)."""
+    init, _, data = jitted_step(trainer, jax.devices()[:1])
     state0 = init(jax.random.key(0))
     batches = [jax.device_put(make_batch(trainer.config, seed), data) for seed in (0, 1)]
-    step = step.lower(state0, batches[0]).compile()
+    steps = compiled_steps(trainer, jax.devices()[:1], state0, batches[0])
     state, history = state0, []
-    for batch in batches:
-        state, m = step(state, batch)
+    for i, batch in enumerate(batches):
+        state, m = steps[train.step_kind(trainer.config, i)](state, batch)
         history.append(jax.device_get(m))
-    return jax.device_get(state0), jax.device_get(state), history, step, data, state
+    return jax.device_get(state0), jax.device_get(state), history, steps, data, state
 
 
 def tiny_trainer():
