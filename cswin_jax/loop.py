@@ -7,7 +7,6 @@ writers and the progress bar.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import json
 import math
@@ -112,7 +111,7 @@ def clear_compiled_programs() -> None:
 def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     """The trainer for `config` and its programs on `mesh`, the initialiser and one train
     step per `StepKind` the run has (`train.step_kinds`: with and without R1 for the GAN
-    recipes), compiled ahead of time (`jit(...).lower(...).compile()`, side by side) for the
+    recipes), compiled ahead of time (`jit(...).lower(...).compile()`) for the
     loop's batch shape and shardings.
 
     Kept for the newest (config, devices) pair of this process, so another
@@ -146,7 +145,7 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         ).lower(abstract_state, abstract_batch)
         for kind in step_kinds(config, 0, total_steps(config))
     }
-    step_fns = _compile_in_parallel(lowered)
+    step_fns = compile_all(lowered)
     init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
     init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
     programs = Programs(
@@ -162,14 +161,11 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     return programs
 
 
-def _compile_in_parallel(lowered: Mapping) -> dict:
-    """`{key: lowered.compile()}`, the compilations run side by side in threads (XLA compiles
-    a program mostly on one core, and releases the GIL while it does)."""
-    if len(lowered) == 1:
-        return {k: v.compile() for k, v in lowered.items()}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
-        futures = {k: pool.submit(v.compile) for k, v in lowered.items()}
-        return {k: f.result() for k, f in futures.items()}
+def compile_all(lowered: Mapping) -> dict:
+    """`{key: lowered.compile()}`, one after the other: compiling two GAN-step programs side
+    by side doubles the compiler's peak memory (measured: a 2-process test was killed for
+    memory on a 23 GB host) for about 20 % less wall time."""
+    return {k: v.compile() for k, v in lowered.items()}
 
 
 class _StopRequested:

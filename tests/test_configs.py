@@ -4,6 +4,7 @@ import ml_collections
 import pytest
 
 from configs import base, gan, mst_plus_plus, optimized, quickstart
+from cswin_jax import train
 
 # The original trainer's flat keys and defaults (issue #2 item 8), with where each lives here.
 ORIGINAL_DEFAULTS = {
@@ -133,7 +134,9 @@ def test_quickstart_variants():
     """configs/quickstart.py:generator is the quick start's generator, data and schedule without
     the discriminator; mst_plus_plus.py:quickstart is MST++'s recipe on the quick start's run."""
     q, g = quickstart.get_config(), quickstart.get_config("generator")
-    assert q.train_discriminator and q.loss.lambda_adversarial > 0 and q.loss.use_r1
+    assert q.train_discriminator and q.loss.lambda_adversarial > 0
+    assert not q.loss.use_r1  # one compiled step program (train.step_kinds)
+    assert train.step_kinds(q, 0, 800) == [train.PLAIN_STEP]
     assert not g.train_discriminator and not g.loss.use_r1 and g.loss.lambda_adversarial == 0
     assert g.model.to_dict() == q.model.to_dict() and g.data.to_dict() == q.data.to_dict()
     assert (g.loss.lambda_rec, g.loss.lambda_mrae) == (q.loss.lambda_rec, q.loss.lambda_mrae)

@@ -51,6 +51,7 @@ def tiny_config():
     c.discriminator.num_blocks = (1, 1, 1)
     c.sinkhorn.max_points = 16
     c.loss.warmup_iterations = 1  # adversarial and SAM weights active from step 1
+    c.loss.use_r1 = True  # the quick start has none; the step tests exercise it
     c.loss.r1_interval = 2
     c.optim.warmup_steps = 2
     c.data.synthetic.num_train = 2
@@ -87,13 +88,13 @@ def jitted_step(trainer, devices, donate=False, kind=train.PLAIN_STEP):
 
 def compiled_steps(trainer, devices, state, batch, donate=False):
     """`{kind: compiled step}` for every kind of step the trainer's config runs, compiled
-    side by side as the loop compiles them."""
+    as the loop compiles them."""
     config = trainer.config
     lowered = {}
     for kind in train.step_kinds(config, 0, train.total_steps(config)):
         _, step, _ = jitted_step(trainer, devices, donate=donate, kind=kind)
         lowered[kind] = step.lower(state, batch)
-    return loop._compile_in_parallel(lowered)
+    return loop.compile_all(lowered)
 
 
 def one_device_run(trainer):
