@@ -28,3 +28,17 @@ def test_gpu_bench_dry_run():
     assert "-- model.remat=block" in out and "compiled in" in out
     assert out.count("ms/step") == 1 and "steps/s" in out, out
     assert "== quick start step" in out
+
+
+def test_vs_original_names_a_wrong_checkout(tmp_path):
+    """Pointed at a folder without the original code: one line naming it and the fix."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "vs_original.py"), f"--original_src={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"--original_src {tmp_path}: no hsi_model/" in result.stderr
+    assert "Traceback" not in result.stderr
