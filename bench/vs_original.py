@@ -160,13 +160,20 @@ def run_project(case: str) -> tuple[float, float]:
     return float(re.search(key, out).group(1)) / 1e3, rss
 
 
+def _fail(message: str) -> None:
+    """A user's mistake: one line on stderr, exit status 2 (absl's UsageError would print
+    the whole flag help first)."""
+    print(f"vs_original: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
     if not _SRC.value:
-        raise app.UsageError("--original_src: the folder of the original code (with hsi_model/)")
+        _fail("--original_src: the folder of the original code (with hsi_model/)")
     src = pathlib.Path(_SRC.value)
     if not (src / "hsi_model").is_dir() or not (src / "configs" / "config.yaml").is_file():
-        raise app.UsageError(
+        _fail(
             f"--original_src {src}: no hsi_model/ and configs/config.yaml there; point it at "
             "the original checkout's src/ folder"
         )
@@ -176,13 +183,13 @@ def main(argv):
         text=True,
     )
     if probe.returncode:
-        raise app.UsageError(
+        _fail(
             f"--torch_python {_TORCH_PY.value}: cannot import torch, omegaconf and einops; "
             "install them there (pip install torch hydra-core einops)"
         )
     unknown = set(_CASES.value) - set(CASES)
     if unknown:
-        raise app.UsageError(f"--cases: unknown {sorted(unknown)}; choose from {CASES}")
+        _fail(f"--cases: unknown {sorted(unknown)}; choose from {CASES}")
     print(
         f"original: torch {probe.stdout.strip()}, {_THREADS.value} threads; this project: "
         f"jax {__import__('jax').__version__}; {os.cpu_count()} CPUs; batch {_BATCH.value}, "
