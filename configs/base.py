@@ -97,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
     c.data.prefetch_buffer_size = 2
     c.data.max_valid_scenes = 0  # 0 = every validation scene
+    # Cubes are rejected at load (file and counts named) when a value is below
+    # -negative_tolerance (a sign error on export), above max_value (unscaled counts), NaN/Inf,
+    # or when a whole cube is zero.
+    c.data.negative_tolerance = 0.01
+    c.data.max_value = 10.0
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_train = 8
     c.data.synthetic.num_valid = 2

@@ -486,6 +486,6 @@ def main(argv: list[str], flag_values: Mapping[str, Any]) -> None:
 if __name__ == "__main__":
     import functools
 
-    from absl import app
+    from cswin_jax import cli
 
-    app.run(functools.partial(main, flag_values=_define_flags()))
+    cli.run(functools.partial(main, flag_values=_define_flags()))

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cswin_jax import inference, metrics
+from cswin_jax import cli, inference, metrics
 
 _FIRST_COLUMNS = ("stem", "has_ground_truth")
 
@@ -429,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training step (only for delayed_sigmoid)",
     )
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -452,4 +453,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

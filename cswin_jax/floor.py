@@ -38,7 +38,6 @@ import importlib.util
 import itertools
 import json
 import pathlib
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cswin_jax import evaluate
+from cswin_jax import cli, evaluate
 from cswin_jax.data import arad
 
 ORDERS = (1, 2, 3)
@@ -381,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noclamp", dest="clamp", action="store_false",
                         help="leave out the metrics of the clamped predictions")  # fmt: skip
     parser.add_argument("--output", help="also write the summary to this JSON file")
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -453,4 +453,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run_argparse(main)

@@ -103,14 +103,15 @@ def sam_loss(
         gradients stay bounded; identical spectra score acos(cosine_clamp).
 
     Returns:
-      float32 scalar, mean angle over pixels.
+      float32 scalar, mean angle over pixels; NaN when any input is NaN.
     """
     pred_unit = _normalize_bands(_f32(pred), normalize_eps)
     target_unit = _normalize_bands(_f32(target), normalize_eps)
     cosine = jnp.sum(pred_unit * target_unit, axis=-1)
     cosine = jnp.clip(cosine, -cosine_clamp, cosine_clamp)
-    angle = jnp.arccos(cosine)
-    return jnp.mean(jnp.where(jnp.isnan(angle), 0.0, angle))
+    # A NaN prediction stays NaN (the original maps it to 0, a perfect score), so the
+    # non-finite step guard sees it.
+    return jnp.mean(jnp.arccos(cosine))
 
 
 def mrae_loss(pred: jax.Array, target: jax.Array, eps: float = MRAE_LOSS_EPS) -> jax.Array:

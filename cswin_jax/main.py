@@ -11,6 +11,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cswin_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (configs/*.py).", lock_config=True
 )
@@ -77,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

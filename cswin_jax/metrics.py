@@ -151,16 +151,15 @@ def sam(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Spectral angle in degrees, averaged over pixels (bands on the last axis).
 
     The cosine of identical float32 spectra can round a hair below 1, so identical inputs give
-    a small non-zero angle (about 0.01 degrees), as in the original.
+    a small non-zero angle (about 0.01 degrees), as in the original. NaN inputs give NaN.
     """
     pred, target = _f32(pred), _f32(target)
     pred_unit = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), SAM_EPS)
     target_unit = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), SAM_EPS)
     cosine = jnp.sum(pred_unit * target_unit, axis=-1)
     cosine = jnp.clip(cosine, np.float32(-1.0 + SAM_EPS), np.float32(1.0 - SAM_EPS))
-    angle = jnp.arccos(cosine)
-    angle = jnp.where(jnp.isnan(angle), 0.0, angle)
-    return jnp.mean(jnp.degrees(angle))
+    # A NaN prediction scores NaN, not the perfect 0 the original maps it to.
+    return jnp.mean(jnp.degrees(jnp.arccos(cosine)))
 
 
 def compute_metrics(

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cswin_jax import cli
 from cswin_jax.data import arad
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 << 20,
         help="images with more pixels run tiled even without --tiled",
     )
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -372,4 +374,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run_argparse(main)

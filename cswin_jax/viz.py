@@ -32,6 +32,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cswin_jax import cli
+
 NUM_BANDS = 31
 WAVELENGTHS_NM = np.arange(400, 701, 10)
 _EPS = 1e-8  # the original's MRAE / SAM epsilon
@@ -508,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pixels", type=_parse_pixels, default=None, help="spectra at 'y,x;y,x' (default: worst)"
     )
+    cli.add_debug_argument(parser)
     return parser
 
 
@@ -543,4 +546,4 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -267,9 +267,10 @@ def test_cswin_v2_matches_loop_reference(v2_case):
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
 
 
-def test_chunked_attention_is_identical(v2_case, monkeypatch):
-    """Chunked (and, in the backward pass, per-chunk recomputed) attention: same values and
-    gradients as the single-shot computation."""
+@pytest.mark.parametrize("max_unrolled", [0, 1000], ids=["loop", "unrolled"])
+def test_chunked_attention_is_identical(v2_case, monkeypatch, max_unrolled):
+    """Chunked (and, in the backward pass, per-chunk recomputed) attention, in a loop or
+    unrolled: same values and gradients as the single-shot computation."""
     module, params, x = v2_case
 
     def value_and_grads():
@@ -283,6 +284,7 @@ def test_chunked_attention_is_identical(v2_case, monkeypatch):
     whole = value_and_grads()
     monkeypatch.setattr(attention, "_CHUNK_ABOVE_LOGITS", 0)
     monkeypatch.setattr(attention, "_MAX_LOGITS_PER_CHUNK", 2 * 9 * 9 * 3)  # a few rows/chunk
+    monkeypatch.setattr(attention, "_MAX_UNROLLED_CHUNKS", max_unrolled)
     chunked = value_and_grads()
     # Float32 rounding only: the parameter gradients sum over chunks in a different order.
     for got, want in zip(chunked, whole, strict=True):

@@ -7,11 +7,13 @@ exactly (the reader must not touch HSI values) unless a tolerance is stated.
 import pathlib
 
 import h5py
+import ml_collections
 import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
 
+from configs import base
 from cswin_jax.data import arad
 from cswin_jax.data.synthetic import write_mat73
 
@@ -296,6 +298,40 @@ def test_non_finite_cube(tmp_path, bad):
     write_mat73(path, cube)
     with pytest.raises(ValueError, match=r"ARAD_1K_0012\.mat: cube holds 1 NaN/Inf"):
         arad.read_cube(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: -c, r"930 of 930 values are below -0\.01.*sign of the export"),
+        (lambda c: c * 4095, r"\d+ of 930 values are above data\.max_value=10.*scale the cube"),
+        (lambda c: c * 0, r"cube is all zero"),
+    ],
+    ids=["negated", "unscaled", "all_zero"],
+)
+def test_cube_values_outside_the_limits_are_rejected_with_counts(tmp_path, edit, match):
+    path = tmp_path / "ARAD_1K_0013.mat"
+    write_mat73(path, edit(_cube()))
+    with pytest.raises(ValueError, match=r"ARAD_1K_0013\.mat: " + match):
+        arad.read_cube(path, limits=arad.CubeLimits())
+    arad.read_cube(path)  # without limits only NaN/Inf are checked
+
+
+def test_cube_limits_tolerance_and_maximum_come_from_the_config(tmp_path):
+    cube = _cube()
+    cube[0, 0, :5] = -0.02  # five small negatives: noise of a calibration, or a sign error
+    path = tmp_path / "ARAD_1K_0014.mat"
+    write_mat73(path, cube)
+    config = base.get_config()
+    with pytest.raises(ValueError, match=r"5 of 930 values are below -0\.01 \(min -0\.02\)"):
+        arad.read_cube(path, limits=arad.CubeLimits.from_config(config))
+    config.data.negative_tolerance = 0.05
+    arad.read_cube(path, limits=arad.CubeLimits.from_config(config))
+    config.data.max_value = 0.5
+    with pytest.raises(ValueError, match=r"above data\.max_value=0\.5"):
+        arad.read_cube(path, limits=arad.CubeLimits.from_config(config))
+    old = ml_collections.ConfigDict({"model": {}})  # a checkpoint's config from before the keys
+    assert arad.CubeLimits.from_config(old) == arad.CubeLimits()
 
 
 def test_empty_split(tmp_path):

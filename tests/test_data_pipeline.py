@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from cswin_jax.data import patches, pipeline, synthetic
+from cswin_jax.data import arad, patches, pipeline, synthetic
 
 
 def _config(**data):
@@ -205,3 +205,19 @@ def test_bad_pipeline_input(data_root, tmp_path):
         pipeline.create_train_iterator(_config(memory_mode="ssd"), data_root, process_count=1)
     with pytest.raises(FileNotFoundError, match=r"does not exist.*data\.data_dir"):
         pipeline.resolve_data_root(_config(source="arad", data_dir=str(tmp_path / "x")), tmp_path)
+
+
+def test_a_negated_cube_is_rejected_at_load_naming_the_scene(data_root, tmp_path):
+    """A sign error on export (every value negative) stops the run before training, with the
+    file and the count; the tolerance is `data.negative_tolerance`."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(data_root, root)
+    cube_path = next(iter(sorted((root / "Train_Spec").glob("SYNTH_0001.*"))))
+    cube = arad.read_cube(cube_path)
+    synthetic.write_mat73(cube_path.with_suffix(".mat"), -cube)
+    with pytest.raises(ValueError, match=r"SYNTH_0001\.mat: \d+ of \d+ values are below -0\.01"):
+        pipeline.create_train_iterator(_config(), root, process_count=1)
+    with pytest.raises(ValueError, match=r"SYNTH_0001\.mat: \d+ of \d+ values are below -0\.01"):
+        pipeline.load_split(_config(), root, "train")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from cswin_jax import losses
+from cswin_jax import losses, metrics
 from tests import golden_parity
 
 ITERATIONS = (0, 2500, 30000, 60000)
@@ -236,6 +236,15 @@ def test_sam_loss_floor_and_low_precision_inputs():
     for fn in (losses.charbonnier, losses.sam_loss, losses.mrae_loss):
         value = fn(spectra.astype(jnp.bfloat16), spectra + 0.01)
         assert value.dtype == jnp.float32
+
+
+def test_sam_of_a_nan_prediction_is_nan_not_a_perfect_score():
+    """The original maps a NaN angle to 0: a diverged model would score a perfect SAM."""
+    target = jnp.linspace(0.1, 0.9, 2 * 3 * 31).reshape(2, 3, 31)
+    pred = target.at[0, 1, 4].set(jnp.nan)
+    assert np.isnan(float(losses.sam_loss(pred, target)))
+    assert np.isnan(float(metrics.sam(pred, target)))
+    assert np.isfinite(float(metrics.sam(target + 0.1, target)))
 
 
 def test_mrae_loss_uses_training_floor():

@@ -364,10 +364,11 @@ class CubeReader:
         window = np.transpose(window, (self._h_axis, self._w_axis, self._band_axis))
         return np.asarray(window, dtype=np.float32)
 
-    def read(self) -> np.ndarray:
-        """The whole oriented cube, [H, W, bands] float32, checked finite."""
+    def read(self, limits: CubeLimits | None = None) -> np.ndarray:
+        """The whole oriented cube, [H, W, bands] float32, checked finite (and against
+        `limits` when given)."""
         cube = np.ascontiguousarray(self.read_window(0, 0, self.shape[0], self.shape[1]))
-        check_finite(cube, self.path)
+        check_cube(cube, self.path, limits)
         return cube
 
     def close(self) -> None:
@@ -377,6 +378,26 @@ class CubeReader:
 
     def __del__(self):
         self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class CubeLimits:
+    """What a cube may hold (`data.negative_tolerance`, `data.max_value`): finite values in
+    [-negative_tolerance, max_value], and not all zero. A sign error or a missing scaling on
+    export shows up here, at load, instead of as a model that trains on garbage."""
+
+    negative_tolerance: float = 0.01
+    max_value: float = 10.0
+
+    @classmethod
+    def from_config(cls, config) -> CubeLimits:
+        """The run's `data.*` limits; a config saved before these keys existed gets the
+        defaults."""
+        data = config.get("data") or {}
+        return cls(
+            float(data.get("negative_tolerance", cls.negative_tolerance)),
+            float(data.get("max_value", cls.max_value)),
+        )
 
 
 def check_finite(cube: np.ndarray, path) -> None:
@@ -389,20 +410,49 @@ def check_finite(cube: np.ndarray, path) -> None:
         )
 
 
+def check_cube(
+    cube: np.ndarray, path, limits: CubeLimits | None = None, *, whole: bool = True
+) -> None:
+    """Raises if `cube` breaks `limits` (NaN/Inf, values below -negative_tolerance or above
+    max_value, or, for a `whole` cube rather than a window of one, all zero), naming the file
+    and the count of offending values."""
+    check_finite(cube, path)
+    if limits is None:
+        return
+    if whole and not np.any(cube):
+        raise ValueError(f"{path}: cube is all zero; re-export it or {_EXCLUDE_HINT}")
+    negative = int(np.count_nonzero(cube < -limits.negative_tolerance))
+    if negative:
+        raise ValueError(
+            f"{path}: {negative} of {cube.size} values are below "
+            f"-{limits.negative_tolerance:g} (min {float(cube.min()):.4g}); check the sign of the "
+            f"export, raise data.negative_tolerance if they are noise, or {_EXCLUDE_HINT}"
+        )
+    high = int(np.count_nonzero(cube > limits.max_value))
+    if high:
+        raise ValueError(
+            f"{path}: {high} of {cube.size} values are above data.max_value="
+            f"{limits.max_value:g} (max {float(cube.max()):.4g}); scale the cube to reflectance "
+            f"(about 0..1), raise data.max_value, or {_EXCLUDE_HINT}"
+        )
+
+
 def read_cube(
     path: str | pathlib.Path,
     *,
     rgb_hw: tuple[int, int] | None = None,
     num_bands: int = NUM_BANDS,
+    limits: CubeLimits | None = None,
 ) -> np.ndarray:
     """Reads a cube file. Returns [H, W, bands] float32, values untouched.
 
     rgb_hw: (H, W) of the scene's RGB image; when given, a cube with H and W swapped is
-    transposed to match, and any other size mismatch raises.
+    transposed to match, and any other size mismatch raises. limits: the values allowed (see
+    `CubeLimits`); None checks only that they are finite.
     """
     reader = CubeReader(path, rgb_hw=rgb_hw, num_bands=num_bands)
     try:
-        return reader.read()
+        return reader.read(limits)
     finally:
         reader.close()
 
@@ -416,15 +466,23 @@ class FileScenes:
     """Random-access scenes of one split of a layout on disk.
 
     Construction checks every file: each RGB image is decoded and each cube file opened, its
-    key, band count and size checked against the RGB (`load` additionally checks NaN/Inf of
-    whole cubes, so eager memory modes check every value before training starts).
+    key, band count and size checked against the RGB (`load` additionally checks the values of
+    whole cubes against `limits`, so eager memory modes check every value before training
+    starts).
     Picklable: holds only paths and sizes.
 
     Attributes: stems, sizes ((H, W) per scene), has_cubes.
     """
 
-    def __init__(self, scenes: Sequence[SceneFiles], *, num_bands: int = NUM_BANDS):
+    def __init__(
+        self,
+        scenes: Sequence[SceneFiles],
+        *,
+        num_bands: int = NUM_BANDS,
+        limits: CubeLimits | None = None,
+    ):
         self.scenes = list(scenes)
+        self.limits = limits
         self.stems = [s.stem for s in self.scenes]
         self.num_bands = num_bands
         self.has_cubes = all(s.cube_path is not None for s in self.scenes)
@@ -444,7 +502,10 @@ class FileScenes:
         rgb = read_rgb(scene.rgb_path)
         if scene.cube_path is None:
             return rgb, None
-        return rgb, read_cube(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self.num_bands)
+        cube = read_cube(
+            scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self.num_bands, limits=self.limits
+        )
+        return rgb, cube
 
     def open(self, index: int) -> OpenScene:
         """Decoded RGB plus an open cube for windowed reads (lazy mode)."""

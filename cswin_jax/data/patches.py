@@ -243,7 +243,12 @@ class LazyStore:
         opened = self._open(scene)
         hsi = opened.read_hsi_window(top, left, size, size)
         # Eager modes check whole cubes at load; here each window is checked as it is read.
-        arad.check_finite(hsi, f"{self.scenes.stems[scene]} (lazy window at {top},{left})")
+        arad.check_cube(
+            hsi,
+            f"{self.scenes.stems[scene]} (lazy window at {top},{left})",
+            getattr(self.scenes, "limits", None),
+            whole=False,
+        )
         return opened.rgb[top : top + size, left : left + size], np.ascontiguousarray(hsi)
 
 

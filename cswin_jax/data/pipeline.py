@@ -108,11 +108,16 @@ def open_scenes(config, data_root, split: str, *, require_cubes: bool = True):
     """Random-access scenes of `split` for `config.data.source` (files or TFDS records)."""
     source = _check_source(config)
     num_bands = config.model.out_channels
+    limits = arad.CubeLimits.from_config(config)
     if source == "tfds":
         from cswin_jax.data import tfds_arad1k  # noqa: PLC0415
 
         return tfds_arad1k.TfdsScenes(
-            data_root, split, excluded_scenes=config.data.excluded_scenes, num_bands=num_bands
+            data_root,
+            split,
+            excluded_scenes=config.data.excluded_scenes,
+            num_bands=num_bands,
+            limits=limits,
         )
     files = arad.list_scenes(
         data_root,
@@ -120,7 +125,7 @@ def open_scenes(config, data_root, split: str, *, require_cubes: bool = True):
         excluded_scenes=config.data.excluded_scenes,
         require_cubes=require_cubes,
     )
-    return arad.FileScenes(files, num_bands=num_bands)
+    return arad.FileScenes(files, num_bands=num_bands, limits=limits)
 
 
 def load_split(config, data_root, split: str = "valid") -> list[Scene]:

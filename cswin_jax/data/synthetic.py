@@ -43,6 +43,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cswin_jax import cli
+
 WAVELENGTHS = np.arange(400, 701, 10)
 NUM_BANDS = len(WAVELENGTHS)
 REFLECTANCE_FLOOR = 0.01
@@ -373,6 +375,7 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=482)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    cli.add_debug_argument(parser)
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
     write_dataset(
@@ -386,4 +389,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

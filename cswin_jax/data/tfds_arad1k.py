@@ -138,7 +138,9 @@ class TfdsScenes:
         *,
         excluded_scenes=(),
         num_bands: int = arad.NUM_BANDS,
+        limits: arad.CubeLimits | None = None,
     ):
+        self.limits = limits
         tfds_dir = pathlib.Path(tfds_dir)
         version_dir = _version_dir(tfds_dir)
         if version_dir is None:
@@ -186,7 +188,7 @@ class TfdsScenes:
         """(rgb [H, W, 3] float32 in [0, 1], hsi [H, W, bands] float32)."""
         record = self.source[self.indices[index]]
         hsi = np.asarray(record["hsi"], dtype=np.float32)
-        arad.check_finite(hsi, f"{NAME}:{self.stems[index]}")
+        arad.check_cube(hsi, f"{NAME}:{self.stems[index]}", self.limits)
         return arad.normalize_rgb(record["rgb"]), hsi
 
     def open(self, index: int) -> arad.OpenScene:

@@ -33,9 +33,11 @@ Dtype = Any
 # Attention with more than _CHUNK_ABOVE_LOGITS logits runs in sequential chunks of rows/columns
 # of _MAX_LOGITS_PER_CHUNK logits each: this bounds memory (a full 482x512 frame would otherwise
 # materialise ~2 GB of logits per branch) and keeps each chunk in cache. On XLA CPU, 16 MB chunks
-# made full frames 2x faster than 64 MB ones; 128x128 patches (9.4M logits) run unchunked.
+# made full frames 2x faster than 64 MB ones; one 128x128 patch (9.4M logits) runs unchunked.
 _CHUNK_ABOVE_LOGITS = 1 << 24
 _MAX_LOGITS_PER_CHUNK = 1 << 22
+# Up to this many chunks are unrolled into the program; more run in a loop.
+_MAX_UNROLLED_CHUNKS = 8
 
 
 class EfficientSpectralAttention(nn.Module):
@@ -147,11 +149,18 @@ def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) 
     # Recomputed in the backward pass: a chunk's logits and weights are rebuilt from its q, k
     # and v instead of being stored for every chunk, so the gradient's memory is bounded too.
     @jax.checkpoint
-    def one(qkv):
-        qi, ki, vi = qkv
-        return _softmax_attention(qi[None], ki[None], vi[None], bias, scale)[0]
+    def one(qi, ki, vi):
+        return _softmax_attention(qi, ki, vi, bias, scale)
 
-    return jax.lax.map(one, (q, k, v), batch_size=chunk)
+    if -(-num_seq // chunk) > _MAX_UNROLLED_CHUNKS:
+        # Many chunks (full frames): one loop keeps the program small.
+        return jax.lax.map(lambda t: one(*(a[None] for a in t))[0], (q, k, v), batch_size=chunk)
+    # Few chunks (training patches): unrolled, since XLA CPU runs a loop body's operations
+    # markedly slower than the same operations at the top level of the program.
+    starts = range(0, num_seq, chunk)
+    return jnp.concatenate(
+        [one(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk]) for i in starts]
+    )
 
 
 class CSWinAttention(nn.Module):

@@ -1,0 +1,203 @@
+"""What every command-line entry point shares: a user's mistake is one line, not a traceback.
+
+`run(main)` replaces `absl.app.run(main)`; `run_argparse(main)` wraps an argparse program's
+`main()`. Both print a user error (a bad path, file, key or value) as one line on stderr,
+`error: <what is wrong and the fix>`, and exit with status 2. Programming errors keep their
+traceback, and `--debug` shows the traceback of a user error too.
+
+What counts as a user error: `UserError`; absl's `UsageError`; a missing, existing or
+unwritable path, a full or read-only disk (`OSError`s that name the path); and a `ValueError`
+raised by this package's own checks, whose messages name the file or key and the fix.
+
+Unknown `--config.<key>` overrides name the closest valid keys ("did you mean ...?") instead
+of ml_collections' nested `KeyError`/`AttributeError` tracebacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import importlib.util
+import os
+import pathlib
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags
+
+EXIT_USER_ERROR = 2
+
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+_REPO_CONFIGS = _PACKAGE_DIR.parent / "configs"
+_OS_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES,
+              errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}  # fmt: skip
+
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                PermissionError)  # fmt: skip
+
+flags.DEFINE_bool("debug", False, "Show the full traceback of a user error (bad path, key, file).")
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave (path, file, key, value); the message names the fix."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors that are the user's input, not a defect of the program."""
+    if isinstance(exc, (UserError, app.UsageError)):
+        return True
+    if isinstance(exc, _PATH_ERRORS):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRNOS:
+        return True
+    if type(exc) is ValueError:
+        frames = traceback.extract_tb(exc.__traceback__)
+        return bool(frames) and _is_ours(frames[-1].filename)
+    return False
+
+
+def _is_ours(filename: str) -> bool:
+    path = pathlib.Path(filename).resolve()
+    return path.is_relative_to(_PACKAGE_DIR) or path.is_relative_to(_REPO_CONFIGS)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` as printed: its text, or the path and reason of an OSError."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        reason = exc.strerror or str(exc)
+        text = f"{exc.filename}: {reason}"
+        if exc.errno == errno.ENOSPC:
+            text += "; free space on that disk or point the run at another folder"
+        elif exc.errno == errno.EROFS:
+            text += "; the folder is read-only: choose a writable --workdir"
+        return text
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def fail(message: str) -> NoReturn:
+    """Prints `error: message` on stderr and exits with status 2."""
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    if "debug" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.debug:
+        return True
+    return any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv)
+
+
+def _guarded(main: Callable[..., Any], argv: Sequence[str]) -> Callable[..., Any]:
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is the user's mistake
+            if _debug_requested(argv) or not is_user_error(exc):
+                raise
+            fail(one_line(exc))
+
+    return guarded
+
+
+# --------------------------------------------------------------------------------------------
+# absl programs
+# --------------------------------------------------------------------------------------------
+
+
+def run(main: Callable[[list[str]], Any], *, config_flag: str = "config") -> None:
+    """`absl.app.run(main)` with one-line user errors and a check of `--<config_flag>.<key>`."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as exc:
+            fail(f"{one_line(exc)} (see --help)")
+        except (KeyError, AttributeError) as exc:
+            fail(unknown_override_message(argv, config_flag) or f"bad --{config_flag}: {exc}")
+
+    app.run(_guarded(main, sys.argv), flags_parser=parse)
+
+
+def _overrides(argv: Sequence[str], config_flag: str) -> Iterator[str]:
+    prefixes = (f"--{config_flag}.", f"--no{config_flag}.")
+    for arg in argv:
+        for prefix in prefixes:
+            if arg.startswith(prefix):
+                yield arg[len(prefix) :].split("=", 1)[0]
+
+
+def _config_file(argv: Sequence[str], config_flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{config_flag}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{config_flag}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config_file(spec: str):
+    """`get_config(arg)` of `path[:arg]`, as ml_collections' config flag loads it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"--config={spec}: no such file; pick one of configs/*.py")
+    module_spec = importlib.util.spec_from_file_location("_cli_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def config_keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key of a ConfigDict, nested dicts included."""
+    keys = []
+    for name, value in config.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if hasattr(value, "items") and not isinstance(value, (str, bytes)):
+            keys.extend(config_keys(value, key + "."))
+    return keys
+
+
+def unknown_override_message(
+    argv: Sequence[str], config_flag: str = "config", default_config: str | None = None
+) -> str | None:
+    """The line for the first `--config.<key>` override that names no key of the config."""
+    spec = _config_file(argv, config_flag) or default_config
+    if spec is None:
+        return f"--{config_flag}.<key> overrides need --{config_flag}=configs/<recipe>.py first"
+    try:
+        config = load_config_file(spec)
+    except UserError as exc:
+        return str(exc)
+    known = config_keys(config)
+    for key in _overrides(argv, config_flag):
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        leaf = key.rsplit(".", 1)[-1]
+        close += [k for k in known if k.rsplit(".", 1)[-1] == leaf and k not in close]
+        hint = f"did you mean {' or '.join(close[:3])}?" if close else f"see {spec} for the keys"
+        return f"--{config_flag}.{key}: no such key in {spec}; {hint}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# argparse programs
+# --------------------------------------------------------------------------------------------
+
+
+def add_debug_argument(parser) -> None:
+    """`--debug` on an argparse parser (read by `run_argparse` before the program runs)."""
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of a user error"
+    )
+
+
+def run_argparse(main: Callable[[], Any]) -> NoReturn:
+    """Runs an argparse program's `main()`; its return value is the exit status if an int."""
+    status = _guarded(main, sys.argv[1:])()
+    raise SystemExit(status if isinstance(status, int) else 0)

@@ -1,0 +1,95 @@
+"""A user's mistake is one line on stderr with exit status 2; `--debug` shows the traceback."""
+
+import errno
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cswin_jax import cli
+from cswin_jax.data import arad
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def _error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
+    result = _run(
+        "cswin_jax.main", "--config=configs/quickstart.py", "--config.data.datadir=/x",
+        f"--workdir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = _error_lines(result)
+    assert line.startswith("error: --config.data.datadir: no such key in configs/quickstart.py")
+    assert "did you mean data.data_dir" in line
+
+
+def test_a_bad_value_in_the_run_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    args = ("cswin_jax.main", "--config=configs/quickstart.py", "--config.data.source=hf",
+            f"--workdir={tmp_path}")  # fmt: skip
+    result = _run(*args)
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _error_lines(result) == ["error: unknown data.source 'hf': use one of "
+                                    "('arad', 'synthetic', 'tfds')"]  # fmt: skip
+    debug = _run(*args, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_argparse_programs_print_one_line(tmp_path):
+    result = _run(
+        "cswin_jax.predict", "--checkpoint", str(tmp_path), "--input", str(tmp_path / "no.png"),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(_error_lines(result)) == 1 and "no.png" in _error_lines(result)[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("--config.batchsize=4", "did you mean batch_size"),
+        ("--config.model.base_channel=8", "did you mean model.base_channels"),
+        ("--config.loss.r1gamma=1", "did you mean loss.r1_gamma"),
+        ("--config.zzz=1", "see configs/gan.py for the keys"),
+    ],
+)
+def test_unknown_override_message(override, hint):
+    argv = ["main", "--config=configs/gan.py", "--config.batch_size=2", override]
+    message = cli.unknown_override_message(argv)
+    assert message.startswith(f"{override.split('=')[0]}: no such key in configs/gan.py; ")
+    assert hint in message
+    assert cli.unknown_override_message(argv[:3]) is None
+
+
+def test_user_errors_are_told_apart_from_programming_errors(tmp_path):
+    def raised(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        raise AssertionError("no exception")
+
+    # A check of this package, with its message for the user.
+    ours = raised(lambda: arad.check_finite(np.array([np.nan]), "scene.mat"))
+    assert cli.is_user_error(ours)
+    # The same type raised outside the package (a bug in a caller, a library's internals).
+    assert not cli.is_user_error(raised(lambda: int("x")))
+    assert not cli.is_user_error(RuntimeError("boom"))
+    assert cli.is_user_error(raised(lambda: open(tmp_path / "missing.txt")))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt"))
+    assert cli.is_user_error(full)
+    assert cli.one_line(full) == (
+        f"{tmp_path / 'ckpt'}: No space left on device; free space on that disk or point the "
+        "run at another folder"
+    )
