@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cswin_jax
 from cswin_jax.models.generator import build_generator
 
 
@@ -67,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     main()

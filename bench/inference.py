@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import cswin_jax
 from configs.base import get_config  # noqa: E402
 from cswin_jax import inference  # noqa: E402
 from cswin_jax.models.generator import build_generator  # noqa: E402
@@ -96,4 +97,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     main()

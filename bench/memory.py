@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import cswin_jax
 from cswin_jax.losses import charbonnier
 from cswin_jax.models.discriminator import build_discriminator
 from cswin_jax.models.generator import build_generator
@@ -283,4 +284,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     main()

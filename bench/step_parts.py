@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+import cswin_jax
 from cswin_jax import losses, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
@@ -164,4 +165,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     app.run(main)

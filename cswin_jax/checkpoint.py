@@ -8,6 +8,8 @@ On-disk layout under a checkpoint root (`<workdir>/checkpoints`, or `config.chec
                                            `data` the grain iterator position, `config` JSON.
   <root>/best/<step>/{weights,config,metrics}  the EMA generator (and discriminator) with the
                                            lowest validation MRAE; one kept.
+  <root>/damaged/<step>                    training steps found unreadable at resume, moved
+                                           aside (never deleted).
 
 A weights-only checkpoint (what `python -m cswin_jax.convert` writes) is a CheckpointManager
 folder whose single step holds `{weights,config}`, like `best/`. `weights` is
@@ -15,13 +17,17 @@ folder whose single step holds `{weights,config}`, like `best/`. `weights` is
 (discriminator optional).
 
 Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames on
-commit); a half-written step is ignored on restore, and a finalized step that fails to read
-falls back to the previous one.
+commit); a half-written step is ignored on restore, and a finalized step with any unreadable
+item falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +36,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cswin_jax import cli
+
 TRAIN_SUBDIR = "train"
 BEST_SUBDIR = "best"
+DAMAGED_SUBDIR = "damaged"  # unreadable training steps, moved aside on resume
 
 
 def _manager(directory: pathlib.Path, item_names: tuple[str, ...], keep: int, *, read_only=False):
@@ -56,6 +65,7 @@ class TrainCheckpointer:
         self.root = pathlib.Path(root)
         self._train = _manager(self.root / TRAIN_SUBDIR, ("state", "config", "data"), keep)
         self._best = _manager(self.root / BEST_SUBDIR, ("weights", "config", "metrics"), 1)
+        self._state_bytes = 0
 
     def latest_step(self) -> int | None:
         return self._train.latest_step()
@@ -78,25 +88,54 @@ class TrainCheckpointer:
             import grain  # noqa: PLC0415 - heavy import only when a pipeline exists
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._train.save(step, args=ocp.args.Composite(**items), force=force)
+        self._state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                                for x in jax.tree.leaves(state))  # fmt: skip
+        with self._disk_errors():
+            return self._train.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """Turns a save that failed for a full, read-only or forbidden disk (at once, or later
+        in the asynchronous writer) into one `UserError` naming the folder and the space needed.
+        Orbax commits a step by renaming it when complete, so earlier steps stay readable."""
+        try:
+            yield
+        except Exception as e:
+            code = disk_error(e)
+            if code is None:
+                raise
+            free = shutil.disk_usage(_existing_parent(self.root)).free
+            done = self._train.latest_step()
+            kept = (f"step {done} is intact and a restart resumes from it" if done is not None
+                    else "no complete step was written")  # fmt: skip
+            if code == errno.ENOSPC or code == errno.EDQUOT:
+                fix = (f"a checkpoint needs about {_mb(self._state_bytes)} and {_mb(free)} are "
+                       "free there: free space or choose another --workdir")  # fmt: skip
+            else:
+                fix = "choose a writable --workdir (or config.checkpoint_dir)"
+            raise cli.UserError(
+                f"saving a checkpoint under {self.root} failed: {os.strerror(code)}; {fix} ({kept})"
+            ) from e
 
     def restore(self, abstract_state: Any, data_iterator=None) -> tuple[Any, int]:
         """Restores the newest readable step into the structure of `abstract_state`.
 
-        Returns (state, step). A finalized step whose files are damaged is skipped with a
-        warning and the previous step is tried, so a crash costs at most the steps since the
-        last good checkpoint.
+        Returns (state, step). A step is restored as a whole (state, config and data iterator
+        position together): when any of its items is damaged, the step is skipped with a
+        warning naming it and the previous one is tried, so a crash costs at most the steps
+        since the last good checkpoint. Skipped steps are moved aside to `<root>/damaged/`
+        (nothing is deleted) so that the resumed run can save those step numbers again.
         """
         steps = sorted(self._train.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no training checkpoint under {self.root / TRAIN_SUBDIR}")
         errors = []
         for step in steps:
+            folder = self.root / TRAIN_SUBDIR / str(step)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if (
-                data_iterator is not None
-                and (self.root / TRAIN_SUBDIR / str(step) / "data").exists()
-            ):
+            if (folder / "config").exists():
+                items["config"] = ocp.args.JsonRestore()
+            if data_iterator is not None and (folder / "data").exists():
                 import grain  # noqa: PLC0415
 
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -104,27 +143,69 @@ class TrainCheckpointer:
                 restored = self._train.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # damaged step: fall back to the previous one
                 logging.warning(
-                    "checkpoint step %d under %s is unreadable (%s); trying the previous step",
+                    "checkpoint step %d under %s is unreadable (%s); resuming from the step "
+                    "before it",
                     step,
                     self.root,
-                    e,
+                    " ".join(str(e).split())[:300],
                 )
-                errors.append(f"step {step}: {e}")
+                errors.append(f"step {step}: {' '.join(str(e).split())[:300]}")
                 continue
+            self._set_aside(s for s in steps if s > step)
             return restored["state"], step
         raise ValueError(
-            f"no readable checkpoint under {self.root / TRAIN_SUBDIR}:\n  " + "\n  ".join(errors)
+            f"no readable checkpoint under {self.root / TRAIN_SUBDIR} ("
+            + "; ".join(errors)
+            + "); start a new --workdir, or move the folder away to start afresh"
         )
 
+    def _set_aside(self, steps) -> None:
+        """Moves damaged `steps` to `<root>/damaged/<step>` (process 0; all wait)."""
+        steps = list(steps)
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.root / DAMAGED_SUBDIR
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target, k = aside / str(step), 1
+                while target.exists():
+                    target, k = aside / f"{step}.{k}", k + 1
+                (self.root / TRAIN_SUBDIR / str(step)).rename(target)
+                logging.warning("moved the unreadable checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"cswin_jax_set_aside_{steps[0]}")
+        self._train.reload()
+
     def restore_config(self, step: int | None = None) -> dict | None:
-        step = self._train.latest_step() if step is None else step
-        if step is None:
-            return None
-        restored = self._train.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(restored["config"])
+        """The config saved with `step`, or with the newest step whose config is readable."""
+        steps = [step] if step is not None else sorted(self._train.all_steps(), reverse=True)
+        for candidate in steps:
+            try:
+                restored = self._train.restore(
+                    candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+                )
+            except Exception as e:  # damaged config: the state restore falls back too
+                if step is not None:
+                    raise
+                logging.warning(
+                    "checkpoint step %d under %s has an unreadable config (%s)",
+                    candidate,
+                    self.root,
+                    " ".join(str(e).split())[:300],
+                )
+                continue
+            return dict(restored["config"])
+        return None
 
     def save_best(self, step: int, weights: Mapping, config: Mapping, mrae: float):
         """Saves `weights` (EMA generator, discriminator) as the best model."""
+        with self._disk_errors():
+            self._save_best(step, weights, config, mrae)
+
+    def _save_best(self, step, weights, config, mrae):
         self._best.save(
             step,
             args=ocp.args.Composite(
@@ -136,12 +217,47 @@ class TrainCheckpointer:
         )
 
     def wait(self):
-        self._train.wait_until_finished()
-        self._best.wait_until_finished()
+        with self._disk_errors():
+            self._train.wait_until_finished()
+            self._best.wait_until_finished()
 
     def close(self):
-        self._train.close()
-        self._best.close()
+        with self._disk_errors():
+            self._train.close()
+            self._best.close()
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def disk_error(exc: BaseException) -> int | None:
+    """The errno of a full/read-only/forbidden disk behind `exc` (its chain included), or None.
+
+    Python writes raise OSError; tensorstore's array writes raise ValueError with the OS text
+    and `os_error_code='28'` in the message.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            return exc.errno
+        text = str(exc)
+        for code in _DISK_ERRNOS:
+            if f"os_error_code='{code}'" in text or os.strerror(code) in text:
+                return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _existing_parent(path: pathlib.Path) -> pathlib.Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 
 
 def save_model_checkpoint(

@@ -7,7 +7,8 @@ traceback, and `--debug` shows the traceback of a user error too.
 
 What counts as a user error: `UserError`; absl's `UsageError`; a missing, existing or
 unwritable path, a full or read-only disk (`OSError`s that name the path); and a `ValueError`
-raised by this package's own checks, whose messages name the file or key and the fix.
+(or the `FloatingPointError` of a diverged run) raised by this package's own checks, whose
+messages name the file or key and the fix.
 
 Unknown `--config.<key>` overrides name the closest valid keys ("did you mean ...?") instead
 of ml_collections' nested `KeyError`/`AttributeError` tracebacks.
@@ -52,7 +53,7 @@ def is_user_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _OS_ERRNOS:
         return True
-    if type(exc) is ValueError:
+    if type(exc) in (ValueError, FloatingPointError):
         frames = traceback.extract_tb(exc.__traceback__)
         return bool(frames) and _is_ours(frames[-1].filename)
     return False

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from absl import logging
 
+import cswin_jax
 from cswin_jax import cli, inference, metrics
 
 _FIRST_COLUMNS = ("stem", "has_ground_truth")
@@ -453,4 +454,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     cli.run_argparse(main)

@@ -7,6 +7,7 @@ writers and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -273,108 +274,136 @@ def train_and_evaluate(
         pathlib.Path(workdir) / "checkpoints" if workdir else pathlib.Path(config.checkpoint_dir)
     )
     is_chief = jax.process_index() == 0
-    writer = metric_writers.MetricWriter(log_dir, config, enabled=is_chief)
     config_dict = config.to_dict()
+    # Every exit path (the end, a user error, a crash, a signal) closes the input pipeline's
+    # worker processes, the checkpointer (after its pending saves) and the writers.
+    with contextlib.ExitStack() as cleanup:
+        writer = metric_writers.MetricWriter(log_dir, config, enabled=is_chief)
+        cleanup.callback(_quietly, writer.close, "closing the metric writer")
+        data_root = pipeline.resolve_data_root(config, workdir or log_dir)
+        train_scenes = pipeline.open_scenes(config, data_root, "train")
+        train_iter = pipeline.create_train_iterator(config, data_root, scenes=train_scenes)
+        if hasattr(train_iter, "close"):
+            cleanup.callback(_quietly, train_iter.close, "stopping the input workers")
+        valid_scenes = pipeline.load_split(config, data_root, split="valid")
+        checkpointer, latest = _open_checkpointer(ckpt_root, config, config_dict)
+        cleanup.callback(_quietly, checkpointer.close, "closing the checkpointer")
 
-    data_root = pipeline.resolve_data_root(config, workdir or log_dir)
-    train_scenes = pipeline.open_scenes(config, data_root, "train")
-    train_iter = pipeline.create_train_iterator(config, data_root, scenes=train_scenes)
-    valid_scenes = pipeline.load_split(config, data_root, split="valid")
+        if latest is None and is_chief and config.eval.floor:
+            # Before the compile: the other processes compile meanwhile, then all meet below.
+            log_floor(config, writer, train_scenes, valid_scenes)
 
-    checkpointer, latest = _open_checkpointer(ckpt_root, config, config_dict)
-    if latest is None and is_chief and config.eval.floor:
-        # Before the compile: the other processes compile meanwhile, then all meet below.
-        log_floor(config, writer, train_scenes, valid_scenes)
-
-    programs = compiled_programs(config, mesh)
-    # Every process has its programs compiled before any of them runs one.
-    sharding.wait_for_all_processes(f"cswin_jax_compiled_{next(_BARRIERS)}")
-    state_sharding, batch_sharding = programs.state_sharding, programs.batch_sharding
-    if latest is not None:
-        state, start = checkpointer.restore(programs.abstract_state, train_iter)
-        logging.info(
-            "resumed from %s at step %d (%d generator updates, %d steps skipped as non-finite)",
-            ckpt_root,
-            start,
-            int(state.step),
-            int(state.nonfinite_total),
-        )
-    else:
-        start = 0
-        state = programs.init_fn(jax.random.key(config.seed))
-        if config.init_from:
-            state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
-    best_mrae = checkpointer.best_metric()
-    best_mrae = math.inf if best_mrae is None else best_mrae
-    step_fns, predict_fn = programs.step_fns, programs.predict_fn
-
-    # Loop steps count the batches consumed and number the checkpoints (`start` is the restored
-    # one's); state.step counts the generator updates applied, lower after a skipped step.
-    n_steps = total_steps(config)
-    accum = config.gradient_accumulation_steps
-    patches_per_step = config.batch_size * accum
-    history: list[dict] = []
-    t0 = time.time()
-    progress = metric_writers.Progress(n_steps, start)
-    with _StopRequested() as stop:
-        step = start
-        while step < n_steps:
-            host_batch = _stack_micro_batches(train_iter, accum)
-            batch = {
-                k: jax.make_array_from_process_local_data(batch_sharding, v)
-                for k, v in host_batch.items()
-            }
-            state, step_metrics = step_fns[step_kind(config, step)](state, batch)
-            step += 1
-            history.append(step_metrics)
-            if step % config.log_every == 0 or step == n_steps:
-                fetched = jax.device_get(history)
-                history = []
-                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                elapsed = time.time() - t0
-                summary["patches_per_second"] = patches_per_step * len(fetched) / max(elapsed, 1e-9)
-                t0 = time.time()
-                writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
-                progress.update(step, summary)
-                peak = int(jax.device_get(state.nonfinite_peak))
-                if peak >= config.max_consecutive_nonfinite:
-                    checkpointer.wait()
-                    raise FloatingPointError(
-                        f"{peak} consecutive training steps had non-finite losses or gradients "
-                        f"(limit max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
-                        f"the last good state is in {ckpt_root}. Lower the learning rates or "
-                        "check the data for NaN/Inf."
-                    )
-            if step % config.iterations_per_epoch == 0 or step == n_steps:
-                val_start = time.time()
-                val = evaluate_scenes(
-                    predict_fn,
-                    state.ema_params,
-                    valid_scenes,
-                    clamp_predictions=config.eval.clamp_predictions,
-                )
-                writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
-                logging.info(
-                    "step %d validation (EMA weights): %s",
-                    step,
-                    " ".join(f"{k}={v:.5g}" for k, v in val.items()),
-                )
-                if val["mrae"] < best_mrae:
-                    best_mrae = val["mrae"]
-                    checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
-                t0 += time.time() - val_start  # patches/s counts training time only
-            preempted = stop.signum is not None or (
-                stop_after is not None and step - start >= stop_after
+        programs = compiled_programs(config, mesh)
+        # Every process has its programs compiled before any of them runs one.
+        sharding.wait_for_all_processes(f"cswin_jax_compiled_{next(_BARRIERS)}")
+        state_sharding, batch_sharding = programs.state_sharding, programs.batch_sharding
+        if latest is not None:
+            state, start = checkpointer.restore(programs.abstract_state, train_iter)
+            logging.info(
+                "resumed from %s at step %d (%d generator updates, %d steps skipped as non-finite)",
+                ckpt_root,
+                start,
+                int(state.step),
+                int(state.nonfinite_total),
             )
-            if step % config.checkpoint_every == 0 or step == n_steps or preempted:
-                checkpointer.save(step, state, config_dict, train_iter, force=True)
-            if preempted:
-                break
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    progress.close()
-    return state
+        else:
+            start = 0
+            state = programs.init_fn(jax.random.key(config.seed))
+            if config.init_from:
+                state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
+        best_mrae = checkpointer.best_metric()
+        best_mrae = math.inf if best_mrae is None else best_mrae
+        step_fns, predict_fn = programs.step_fns, programs.predict_fn
+
+        # Loop steps count the batches consumed and number the checkpoints (`start` is the restored
+        # one's); state.step counts the generator updates applied, lower after a skipped step.
+        n_steps = total_steps(config)
+        accum = config.gradient_accumulation_steps
+        patches_per_step = config.batch_size * accum
+        history: list[dict] = []
+        t0 = time.time()
+        progress = metric_writers.Progress(n_steps, start)
+        cleanup.callback(_quietly, progress.close, "closing the progress bar")
+        with _StopRequested() as stop:
+            step = start
+            while step < n_steps:
+                host_batch = _stack_micro_batches(train_iter, accum)
+                batch = {
+                    k: jax.make_array_from_process_local_data(batch_sharding, v)
+                    for k, v in host_batch.items()
+                }
+                state, step_metrics = step_fns[step_kind(config, step)](state, batch)
+                step += 1
+                history.append(step_metrics)
+                if step % config.log_every == 0 or step == n_steps:
+                    fetched = jax.device_get(history)
+                    history = []
+                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    elapsed = time.time() - t0
+                    summary["patches_per_second"] = (
+                        patches_per_step * len(fetched) / max(elapsed, 1e-9)
+                    )
+                    t0 = time.time()
+                    writer.scalars(step, {f"train/{k}": v for k, v in summary.items()})
+                    progress.update(step, summary)
+                    peak = int(jax.device_get(state.nonfinite_peak))
+                    if peak >= config.max_consecutive_nonfinite:
+                        checkpointer.wait()
+                        raise FloatingPointError(
+                            f"{peak} consecutive training steps had non-finite losses or "
+                            "gradients (limit max_consecutive_nonfinite="
+                            f"{config.max_consecutive_nonfinite}); the last good state is in "
+                            f"{ckpt_root}. Lower the learning rates or check the data for NaN/Inf."
+                        )
+                if step % config.iterations_per_epoch == 0 or step == n_steps:
+                    val_start = time.time()
+                    val = evaluate_scenes(
+                        predict_fn,
+                        state.ema_params,
+                        valid_scenes,
+                        clamp_predictions=config.eval.clamp_predictions,
+                    )
+                    writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
+                    logging.info(
+                        "step %d validation (EMA weights): %s",
+                        step,
+                        " ".join(f"{k}={v:.5g}" for k, v in val.items()),
+                    )
+                    if val["mrae"] < best_mrae:
+                        best_mrae = val["mrae"]
+                        checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+                    t0 += time.time() - val_start  # patches/s counts training time only
+                preempted = stop_agreed(stop.signum is not None) or (
+                    stop_after is not None and step - start >= stop_after
+                )
+                if step % config.checkpoint_every == 0 or step == n_steps or preempted:
+                    checkpointer.save(step, state, config_dict, train_iter, force=True)
+                if preempted:
+                    break
+        checkpointer.wait()  # a failed final save is reported, not swallowed by the clean-up
+        return state
+
+
+def _quietly(close: Callable[[], object], what: str) -> None:
+    """Runs a clean-up step; its own failure is logged, never raised over the run's outcome
+    (a run that ended cleanly has already waited for its saves)."""
+    try:
+        close()
+    except Exception as e:  # noqa: BLE001
+        logging.warning("%s failed: %s", what, " ".join(str(e).split())[:300])
+
+
+def stop_agreed(local: bool) -> bool:
+    """True on every process when `local` is true on any one of them.
+
+    A preemption signal reaches the processes of a job at different moments; each checks its
+    flag between steps, and all must leave at the same step (with one checkpoint), or one
+    would wait in a collective for the others forever. One tiny all-gather per step."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
 def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
@@ -389,7 +418,7 @@ def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
     latest = checkpointer.latest_step()
     if latest is None:
         return checkpointer, None
-    saved = _architecture(checkpointer.restore_config(latest) or {})
+    saved = _architecture(checkpointer.restore_config() or {})
     if saved == _architecture(config_dict):
         if config.init_from:
             logging.warning(

@@ -11,6 +11,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import cswin_jax
 from cswin_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     cli.run(main)

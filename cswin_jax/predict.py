@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+import cswin_jax
 from cswin_jax import cli
 from cswin_jax.data import arad
 
@@ -374,4 +375,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cswin_jax.restart_with_huge_pages()
     cli.run_argparse(main)

@@ -1,6 +1,8 @@
 """Tests for cswin_jax/checkpoint.py: weights-only files, training state, damaged steps."""
 
+import contextlib
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
+from cswin_jax import cli
 
 
 def _weights():
@@ -77,6 +80,31 @@ def test_training_state_resume_and_damaged_step_fallback(tmp_path):
     assert float(gen["w"][0]) in (1.0, 1.5)  # newest readable EMA entry
 
 
+def test_a_damaged_config_makes_the_whole_step_fall_back(tmp_path, caplog):
+    """Config and state come from the same newest readable step: a damaged config item in
+    step 3 makes the resume use step 2 (warning names step 3); step 3 is moved aside, not
+    deleted, and the resumed run can save step 3 again."""
+    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, _state(float(step)), {"model": {"width": step}}, force=True)
+    ckpt.wait()
+    files = [p for p in (tmp_path / "train" / "3" / "config").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        path.write_text("{not json")
+    assert ckpt.restore_config() == {"model": {"width": 2}}
+    with caplog.at_level("WARNING"):
+        state, step = ckpt.restore(jax.eval_shape(lambda: _state(0.0)))
+    assert step == 2 and float(state["gen_params"]["w"][0]) == 2.0
+    assert any("checkpoint step 3" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "damaged" / "3" / "config").is_dir()
+    assert ckpt.latest_step() == 2
+    ckpt.save(3, _state(3.5), {"model": {"width": 3}}, force=True)
+    ckpt.wait()
+    assert ckpt.restore_config() == {"model": {"width": 3}}
+    ckpt.close()
+
+
 def test_half_written_step_is_ignored(tmp_path):
     ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
     ckpt.save(1, _state(1.0), {}, force=True)
@@ -89,3 +117,61 @@ def test_half_written_step_is_ignored(tmp_path):
     state, step = ckpt.restore(jax.eval_shape(lambda: _state(0.0)))
     assert step == 1
     ckpt.close()
+
+
+_TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "...": Failed to '
+    "write 470220 bytes to file 4: No space left on device [os_error_code='28']"
+)  # what tensorstore raised for a full tmpfs (orbax 0.12, measured)
+
+
+def _big_state(value):
+    state = _state(value)
+    rng = np.random.default_rng(0)  # random bits: the checkpoint's compression cannot shrink it
+    state["gen_params"]["w"] = rng.random(100_000).astype(np.float32) + value
+    return state
+
+
+def test_disk_full_on_save_is_one_line_and_keeps_earlier_steps(tmp_path, monkeypatch):
+    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
+
+    def full(*args, **kwargs):
+        raise ValueError(_TENSORSTORE_ENOSPC)
+
+    def fail():
+        monkeypatch.setattr(ckpt._train, "save", full)
+        ckpt.save(2, _big_state(2.0), {"model": {}}, force=True)
+
+    # Step 1 is the small state; the abstract state of restore must match it.
+    ckpt.save(1, _state(1.0), {"model": {}}, force=True)
+    ckpt.wait()
+    with pytest.raises(cli.UserError, match=r"No space left on device; a checkpoint needs about"):
+        fail()
+    monkeypatch.undo()
+    state, step = ckpt.restore(jax.eval_shape(lambda: _state(0.0)))
+    assert step == 1
+    ckpt.close()
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    """The same on a 300 KB tmpfs (needs mount permission; skipped where there is none): the
+    asynchronous writer's error surfaces at wait() as the one-line UserError."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        ckpt = ckpt_lib.TrainCheckpointer(mount / "ckpt", keep=3)
+        ckpt.save(1, _state(1.0), {"model": {}}, force=True)
+        ckpt.wait()
+        with pytest.raises(cli.UserError, match=r"No space left on device.*step 1 is intact"):
+            ckpt.save(2, _big_state(2.0), {"model": {}}, force=True)
+            ckpt.wait()
+        state, step = ckpt.restore(jax.eval_shape(lambda: _state(0.0)))
+        assert step == 1
+        with contextlib.suppress(cli.UserError):
+            ckpt.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

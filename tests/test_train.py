@@ -291,6 +291,102 @@ def test_two_processes_agree(tmp_path, one_device_run):
     np.testing.assert_array_less(np.abs(np.array(results[0]) - ref), 1e-5 * np.abs(ref) + atol)
 
 
+_STOP_AGREEMENT_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import jax
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]), initialization_timeout=600)
+    sys.path.insert(0, sys.argv[3])
+    from cswin_jax import loop
+    with loop._StopRequested() as stop:
+        for step in range(1, 50):
+            if jax.process_index() == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice reaches one process
+            if loop.stop_agreed(stop.signum is not None):
+                print(f"STOPPED {step}", flush=True)
+                break
+        else:
+            print("RAN TO THE END", flush=True)
+    """
+)
+
+
+@SLOW
+@pytest.mark.multiprocess
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """SIGTERM reaches process 1 only, at step 3: both processes leave at step 3 (the loop
+    saves there, once), instead of process 0 training on into a collective that never
+    completes."""
+    script = tmp_path / "stop.py"
+    script.write_text(_STOP_AGREEMENT_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(ROOT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "STOPPED 3" in out.splitlines(), out[-3000:]
+
+
+def _child_processes() -> set[int]:
+    """Live child processes of this one (the multiprocessing resource tracker excepted)."""
+    children = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            int(fields[1]) == os.getpid()
+            and fields[0] != "Z"
+            and b"resource_tracker" not in cmdline
+        ):
+            children.add(int(stat.parent.name))
+    return children
+
+
+@SLOW
+def test_a_run_that_raises_leaves_no_child_process(tmp_path, monkeypatch):
+    """An error at the second batch with grain worker processes (data.num_workers=1): the
+    loop's clean-up stops the workers and closes the checkpointer and writers on the way out.
+    `num_workers` is host-only, so the compiled step of the other loop tests is reused."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    config = tiny_config()
+    config.data.num_workers = 1
+    calls = {"n": 0}
+    original = loop._stack_micro_batches
+
+    def stack_then_fail(iterator, n):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            assert _child_processes() - before, "the test needs live worker processes"
+            raise RuntimeError("injected failure")
+        return original(iterator, n)
+
+    monkeypatch.setattr(loop, "_stack_micro_batches", stack_then_fail)
+    before = _child_processes()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert _child_processes() - before == set()
+
+
 def _params_of(workdir):
     gen, _, _ = ckpt_lib.restore_model_variables(
         pathlib.Path(workdir) / "checkpoints" / "train", use_ema=False
