@@ -2,7 +2,6 @@
 workdir each time ends bit-identical to an uninterrupted run (generator, EMA, discriminator,
 optimizer states, RNG, data iterator position); a truncated newest checkpoint is skipped."""
 
-
 import jax
 import numpy as np
 import pytest
