@@ -37,6 +37,28 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _reset_peak_rss() -> bool:
+    """Restarts the kernel's peak-RSS count of this process (Linux), so that the peak while
+    stepping can be told apart from the compiler's; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_since_reset_gib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def _peak_device_memory() -> str:
     """The device allocator's peak so far (GPU), or 'n/a' where the backend keeps no stats."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -49,6 +71,11 @@ def _timed(step, state, batch):
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     return state, metrics, time.perf_counter() - t0
+
+
+def _stepping(was_reset: bool) -> str:
+    peak = _peak_rss_since_reset_gib() if was_reset else None
+    return "n/a" if peak is None else f"{peak:.1f} GiB"
 
 
 def main(argv):
@@ -92,6 +119,8 @@ def main(argv):
                 f"XLA temporaries {temp}",
                 flush=True,
             )
+        compile_rss = _peak_rss_gib()
+        stepping_rss = _reset_peak_rss()
         # One untimed run first: a program's first executions pay one-time costs (measured at
         # default width: 73.5 s, 38.6 s, then 30.4 s).
         state, m, _ = _timed(steps[kinds[0]], state, batch)
@@ -121,7 +150,9 @@ def main(argv):
         print(
             f"{line} (mixed_precision={config.mixed_precision}, remat={config.model.remat}, "
             f"r1_chunks={config.loss.get('r1_chunks', 1)}, peak RSS so far "
-            f"{_peak_rss_gib():.1f} GiB, peak device memory so far {_peak_device_memory()}, "
+            f"{_peak_rss_gib():.1f} GiB (after compiling {compile_rss:.1f} GiB; while "
+            f"stepping {_stepping(stepping_rss)}), peak device memory so far "
+            f"{_peak_device_memory()}, "
             f"{1e3 / mean_ms:.2f} steps/s, gen_loss={float(m['gen_loss']):.4f})",
             flush=True,
         )
