@@ -115,11 +115,21 @@ def run(main: Callable[[list[str]], Any], *, config_flag: str = "config") -> Non
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
+            if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
+                # A file that failed to load leaves a stand-in whose first attribute access
+                # raises the load error: raise it here, before main, to report it in one line.
+                _ = flags.FLAGS[config_flag].value.keys
+            return rest
         except flags.Error as exc:
             fail(f"{one_line(exc)} (see --help)")
         except (KeyError, AttributeError) as exc:
             fail(unknown_override_message(argv, config_flag) or f"bad --{config_flag}: {exc}")
+        except OSError as exc:
+            spec = _config_file(argv, config_flag) or ""
+            if spec and not os.path.exists(spec.partition(":")[0]):
+                fail(f"--{config_flag}={spec}: no such file; pass a recipe such as configs/gan.py")
+            fail(f"--{config_flag}: {one_line(exc.__cause__ or exc)}")
 
     app.run(_guarded(main, sys.argv), flags_parser=parse)
 

@@ -33,6 +33,19 @@ def test_unknown_config_key_is_one_line_with_the_nearest_keys(tmp_path):
     assert "did you mean data.data_dir" in line
 
 
+@pytest.mark.parametrize("which", ["missing", "raising"])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, which):
+    path = tmp_path / "recipe.py"
+    if which == "raising":
+        path.write_text("def get_config():\n    raise OSError('no such recipe data')\n")
+    result = _run("cswin_jax.main", f"--config={path}", f"--workdir={tmp_path}")
+    assert result.returncode == cli.EXIT_USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = _error_lines(result)
+    expected = "no such file" if which == "missing" else "no such recipe data"
+    assert line.startswith("error: --config") and expected in line
+
+
 def test_a_bad_value_in_the_run_is_one_line_and_debug_shows_the_traceback(tmp_path):
     args = ("cswin_jax.main", "--config=configs/quickstart.py", "--config.data.source=hf",
             f"--workdir={tmp_path}")  # fmt: skip
