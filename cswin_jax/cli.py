@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import difflib
 import errno
+import functools
 import importlib.util
+import logging
 import os
 import pathlib
 import sys
@@ -131,7 +133,29 @@ def run(main: Callable[[list[str]], Any], *, config_flag: str = "config") -> Non
                 fail(f"--{config_flag}={spec}: no such file; pass a recipe such as configs/gan.py")
             fail(f"--{config_flag}: {one_line(exc.__cause__ or exc)}")
 
-    app.run(_guarded(main, sys.argv), flags_parser=parse)
+    def quiet_libraries(argv: list[str]) -> Any:
+        if not flags.FLAGS["verbosity"].present:
+            from absl import logging as absl_logging  # noqa: PLC0415
+
+            absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
+        return _guarded(main, sys.argv)(argv)
+
+    app.run(quiet_libraries, flags_parser=parse)
+
+
+class _OwnInfoOnly(logging.Filter):
+    """Lets through this package's INFO lines (progress, validation, files written) and every
+    library's warnings and errors, not the libraries' INFO chatter (Orbax's save/restore
+    internals, JAX's backend probing). `--verbosity=0` (or higher) shows everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or _is_own_file(record.pathname)
+
+
+@functools.lru_cache(maxsize=512)
+def _is_own_file(pathname: str) -> bool:
+    path = pathlib.Path(pathname).resolve()
+    return path.is_relative_to(_PACKAGE_DIR) or path.is_relative_to(_REPO_CONFIGS)
 
 
 def _overrides(argv: Sequence[str], config_flag: str) -> Iterator[str]:

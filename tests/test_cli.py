@@ -1,6 +1,7 @@
 """A user's mistake is one line on stderr with exit status 2; `--debug` shows the traceback."""
 
 import errno
+import pathlib
 import subprocess
 import sys
 
@@ -106,3 +107,17 @@ def test_user_errors_are_told_apart_from_programming_errors(tmp_path):
         f"{tmp_path / 'ckpt'}: No space left on device; free space on that disk or point the "
         "run at another folder"
     )
+
+
+def test_library_info_lines_are_filtered_out_and_ours_and_warnings_kept():
+    import logging  # noqa: PLC0415
+
+    def record(path, level):
+        return logging.LogRecord("x", level, path, 1, "message", None, None)
+
+    own = str(pathlib.Path(cli.__file__).parent / "loop.py")
+    library = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    keep = cli._OwnInfoOnly()
+    assert keep.filter(record(own, logging.INFO))
+    assert not keep.filter(record(library, logging.INFO))
+    assert keep.filter(record(library, logging.WARNING))
