@@ -3,7 +3,7 @@
 Run directly (not through pytest, whose XLA flags slow the compiled code down):
 
   python bench/inference.py [--size 482x512] [--repeats 2] [--tile 128] [--overlap 16]
-                            [--batch 4] [--ensemble]
+                            [--batch 4] [--ensemble] [--dtype bfloat16]
 
 Prints, for whole-frame (`inference.predict_whole`) and tiled (`inference.predict_tiled`)
 inference: the first call (compile + run) and the median of `--repeats` further calls, each
@@ -52,10 +52,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="tiles per model call")
     parser.add_argument("--ensemble", action="store_true", help="8-way self-ensemble")
     parser.add_argument("--modes", default="whole,tiled", help="comma-separated subset")
+    parser.add_argument(
+        "--dtype", default="float32", choices=inference.COMPUTE_DTYPES, help="compute dtype"
+    )
     args = parser.parse_args()
 
     model_cfg = get_config().model  # default width (base_channels 64)
-    model = build_generator(model_cfg)
+    model = build_generator(model_cfg, dtype=jnp.dtype(args.dtype))
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(
@@ -69,7 +72,7 @@ def main() -> None:
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f} M params, "
-        f"frame {height}x{width}, ensemble={args.ensemble}"
+        f"frame {height}x{width}, ensemble={args.ensemble}, compute {args.dtype}"
     )
     runs = {
         "whole": lambda: inference.predict_whole(apply_fn, rgb, ensemble=args.ensemble),

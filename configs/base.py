@@ -50,6 +50,20 @@ import os
 
 import ml_collections
 
+# The keys most runs set, with one line each: `python -m cswin_jax.main --help` lists them.
+MOST_USED_KEYS = (
+    ("data.source", "'arad' (MST++ folder layout), 'synthetic' (generated, no download), 'tfds'"),
+    ("data.data_dir", "dataset root (Train_RGB/, Train_Spec/, split_txt/ for 'arad')"),
+    ("batch_size", "patches per micro-batch, split over all devices"),
+    ("data.patch_size", "side of the square training patches"),
+    ("epochs", "run length in epochs of iterations_per_epoch steps"),
+    ("iterations_per_epoch", "steps between validations on the full frames"),
+    ("optim.generator_lr", "peak generator learning rate (warm-up, then cosine decay)"),
+    ("mixed_precision", "bfloat16 compute with float32 weights (False on CPU)"),
+    ("model.base_channels", "generator width (its heads and splits: model.num_heads, ...)"),
+    ("init_from", "start from these weights (a converted or finished checkpoint folder)"),
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg

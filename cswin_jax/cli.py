@@ -16,6 +16,7 @@ of ml_collections' nested `KeyError`/`AttributeError` tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
@@ -24,6 +25,7 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -158,6 +160,79 @@ def _is_own_file(pathname: str) -> bool:
     return path.is_relative_to(_PACKAGE_DIR) or path.is_relative_to(_REPO_CONFIGS)
 
 
+@contextlib.contextmanager
+def without_compile_alarm() -> Iterator[None]:
+    """Drops XLA's "Very slow compile?" banner from stderr while the block runs.
+
+    XLA prints it (an error-level line and a starred box asking for a bug report) whenever one
+    compilation passes two minutes, which is every first compile of a training step on CPU.
+    Callers log their own line instead ("compiling ..., later runs load it from the cache").
+    Everything else written to stderr meanwhile passes through unchanged, line by line.
+    """
+    stderr_fd = 2  # where XLA writes, whatever `sys.stderr` is
+    sys.stderr.flush()
+    saved = os.dup(stderr_fd)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, stderr_fd)
+    os.close(write_fd)
+    pump = threading.Thread(target=_drop_alarm_banners, args=(read_fd, saved), daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, stderr_fd)  # closes the pipe's last write end: the pump sees EOF
+        pump.join()
+        os.close(saved)
+
+
+_ALARM_SOURCE = b"slow_operation_alarm"
+_BANNER_RULE = b"*****"
+
+
+def _drop_alarm_banners(read_fd: int, out_fd: int) -> None:
+    """Copies lines from `read_fd` to `out_fd`, leaving out each starred alarm banner (the
+    alarm's log line, a rule, the message, a rule)."""
+    held: list[bytes] = []  # an alarm line and what followed it, until its shape is known
+    with os.fdopen(read_fd, "rb") as source:
+        for line in source:
+            if not held:
+                if _ALARM_SOURCE in line:
+                    held = [line]
+                else:
+                    os.write(out_fd, line)
+                continue
+            held.append(line)
+            rules = sum(h.startswith(_BANNER_RULE) for h in held)
+            if len(held) == 2 and rules == 0:  # another alarm (constant folding): keep it
+                os.write(out_fd, b"".join(held))
+                held = []
+            elif rules == 2:
+                held = []
+        if held:
+            os.write(out_fd, b"".join(held))
+
+
+def recipes_and_keys() -> str:
+    """The `--help` text listing configs/*.py (first docstring line each) and the most used
+    `--config.<key>` overrides with their defaults (configs/base.py)."""
+    import ast  # noqa: PLC0415
+
+    from configs import base  # noqa: PLC0415
+
+    lines = ["Recipes (--config=...):"]
+    for path in sorted(_REPO_CONFIGS.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if path.stem != "__init__" and doc:
+            lines.append(f"  configs/{path.name:<20} {doc.splitlines()[0]}")
+    lines += ["", "Most used overrides (--config.<key>=<value>; all keys: configs/base.py):"]
+    defaults = base.get_config()
+    for key, text in base.MOST_USED_KEYS:
+        value = functools.reduce(getattr, key.split("."), defaults)
+        lines.append(f"  {key:<22} {text} [base: {value!r}]")
+    return "\n".join(lines) + "\n"
+
+
 def _overrides(argv: Sequence[str], config_flag: str) -> Iterator[str]:
     prefixes = (f"--{config_flag}.", f"--no{config_flag}.")
     for arg in argv:
@@ -233,6 +308,12 @@ def add_debug_argument(parser) -> None:
 
 
 def run_argparse(main: Callable[[], Any]) -> NoReturn:
-    """Runs an argparse program's `main()`; its return value is the exit status if an int."""
+    """Runs an argparse program's `main()`; its return value is the exit status if an int.
+
+    The console keeps this package's INFO lines and every warning (`_OwnInfoOnly`)."""
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.use_absl_handler()  # absl's line format, as the absl programs print
+    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
     status = _guarded(main, sys.argv[1:])()
     raise SystemExit(status if isinstance(status, int) else 0)

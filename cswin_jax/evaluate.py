@@ -311,8 +311,11 @@ def evaluate_checkpoint(
     data_source: str = "arad",
     step: int | None = None,
     floor: bool = True,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Restores a checkpoint, evaluates every scene of `split`, writes the results.
+
+    dtype: the generator's compute dtype ('float32' or 'bfloat16', `inference.load_generator`).
 
     floor: also fit the per-pixel floor on the dataset's training split and score it on
       `split` (`floor_summary`; skipped with the reason when the dataset has no training split).
@@ -333,7 +336,9 @@ def evaluate_checkpoint(
     ensure_writable_dir(output)
     if data_source == "arad":  # fail before the (slow) model restore
         arad.check_layout(data_dir)
-    apply_fn, config_dict = inference.load_generator(checkpoint_dir, use_ema=use_ema, step=step)
+    apply_fn, config_dict = inference.load_generator(
+        checkpoint_dir, use_ema=use_ema, step=step, dtype=dtype
+    )
     config = ml_collections.ConfigDict(config_dict)
     with config.unlocked():
         config.data.source = data_source
@@ -373,6 +378,7 @@ def evaluate_checkpoint(
         "tiled": use_tiles,
         "ensemble": ensemble,
         "use_ema": use_ema,
+        "dtype": dtype,
         "protocol": "centre 226x256 window (metrics.center_crop_metrics); raw and clamped [0, 1]",
     }
     if floor:
@@ -430,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training step (only for delayed_sigmoid)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype (bfloat16: faster on GPUs, float32 weights and output)",
+    )
     cli.add_debug_argument(parser)
     return parser
 
@@ -450,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_source=args.data_source,
         step=args.step,
         floor=args.floor,
+        dtype=args.dtype,
     )
 
 

@@ -382,8 +382,11 @@ def check_params_match(params: Any, abstract_params: Any, source: str) -> None:
         )
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def load_generator(
-    checkpoint_dir: str, *, use_ema: bool = True, step: int | None = None
+    checkpoint_dir: str, *, use_ema: bool = True, step: int | None = None, dtype: str = "float32"
 ) -> tuple[ModelApply, dict]:
     """Restores a generator from a checkpoint for inference.
 
@@ -392,6 +395,9 @@ def load_generator(
       use_ema: EMA weights of a training state (the default; weights-only checkpoints hold
         only one set).
       step: optimizer step passed to the generator (matters only for 'delayed_sigmoid').
+      dtype: compute dtype, 'float32' or 'bfloat16' (weights stay float32 and the output is
+        float32; bfloat16 runs the convolutions, attention and MLPs in bfloat16, as training
+        with `mixed_precision` does).
 
     Returns:
       (apply_fn `[N, h, w, 3] -> [N, h, w, 31]` float32, the run's config dict).
@@ -404,7 +410,9 @@ def load_generator(
     config = ml_collections.ConfigDict(config_dict)
     if "model" not in config:
         raise ValueError(f"{checkpoint_dir}: the checkpoint's config has no 'model' section")
-    model = models.build_generator(config.model)
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    model = models.build_generator(config.model, dtype=jnp.dtype(dtype))
     abstract = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.model.in_channels))
     )

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import evaluate, models, sharding
+from cswin_jax import cli, evaluate, metrics, models, sharding
 from cswin_jax.data import pipeline
 from cswin_jax.train import (
     StepKind,
@@ -146,9 +146,18 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         ).lower(abstract_state, abstract_batch)
         for kind in step_kinds(config, 0, total_steps(config))
     }
-    step_fns = compile_all(lowered)
-    init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
-    init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
+    cache = jax.config.jax_compilation_cache_dir
+    logging.info(
+        "compiling the training step (%s): on CPU the first time takes minutes; %s",
+        ", ".join(_step_name(kind) for kind in lowered),
+        f"later runs load it from the cache in {cache}" if cache else "no compilation cache set",
+    )
+    started = time.perf_counter()
+    with cli.without_compile_alarm():  # the line above says it instead of XLA's banner
+        step_fns = compile_all(lowered)
+        init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
+        init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
+    logging.info("compiled in %.0f s", time.perf_counter() - started)
     programs = Programs(
         trainer=trainer,
         abstract_state=abstract_state,
@@ -160,6 +169,12 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     )
     _PROGRAMS[key] = programs
     return programs
+
+
+def _step_name(kind) -> str:
+    if not kind.discriminator:
+        return "generator update"
+    return "generator + discriminator update" + (" with R1" if kind.r1 else "")
 
 
 def compile_all(lowered: Mapping) -> dict:
@@ -286,6 +301,7 @@ def train_and_evaluate(
         if hasattr(train_iter, "close"):
             cleanup.callback(_quietly, train_iter.close, "stopping the input workers")
         valid_scenes = pipeline.load_split(config, data_root, split="valid")
+        _warn_uncropped(valid_scenes)
         checkpointer, latest = _open_checkpointer(ckpt_root, config, config_dict)
         cleanup.callback(_quietly, checkpointer.close, "closing the checkpointer")
 
@@ -372,16 +388,46 @@ def train_and_evaluate(
                     if val["mrae"] < best_mrae:
                         best_mrae = val["mrae"]
                         checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+                        if is_chief:
+                            logging.info(
+                                "new best model (mrae %.5g) written to %s",
+                                best_mrae,
+                                ckpt_root / ckpt_lib.BEST_SUBDIR,
+                            )
                     t0 += time.time() - val_start  # patches/s counts training time only
                 preempted = stop_agreed(stop.signum is not None) or (
                     stop_after is not None and step - start >= stop_after
                 )
                 if step % config.checkpoint_every == 0 or step == n_steps or preempted:
                     checkpointer.save(step, state, config_dict, train_iter, force=True)
+                    if is_chief:
+                        logging.info(
+                            "checkpoint of step %d written to %s",
+                            step,
+                            ckpt_root / ckpt_lib.TRAIN_SUBDIR / str(step),
+                        )
                 if preempted:
                     break
         checkpointer.wait()  # a failed final save is reported, not swallowed by the clean-up
         return state
+
+
+def _warn_uncropped(scenes) -> None:
+    """One warning when validation frames are too small for the benchmark's centre crop, whose
+    metrics are then the protocol's sentinel (mrae 999) and cannot pick a best model."""
+    margin = metrics.CENTER_SLICE_MARGIN
+    small = {scene.rgb.shape[:2] for scene in scenes if min(scene.rgb.shape[:2]) <= 2 * margin}
+    if small:
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(small))
+        logging.warning(
+            "validation frames of %s have no centre crop (the benchmark scores rows and columns "
+            "%d: -%d), so their metrics are the sentinel mrae=999 psnr=0; use frames larger than "
+            "%d px on both sides (e.g. data.synthetic.height / width)",
+            sizes,
+            margin,
+            margin,
+            2 * margin,
+        )
 
 
 def _quietly(close: Callable[[], object], what: str) -> None:

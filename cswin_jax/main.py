@@ -14,6 +14,8 @@ from ml_collections import config_flags
 import cswin_jax
 from cswin_jax import cli
 
+__doc__ += "\n" + cli.recipes_and_keys()
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (configs/*.py).", lock_config=True
 )

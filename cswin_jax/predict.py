@@ -333,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training step (only for delayed_sigmoid)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype (bfloat16: faster on GPUs, float32 weights and output)",
+    )
+    parser.add_argument(
         "--max_whole_pixels",
         type=int,
         default=1 << 20,
@@ -351,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = ensure_writable_dir(args.output)
     inputs = list_inputs(args.input)
     apply_fn, config = inference.load_generator(
-        args.checkpoint, use_ema=args.use_ema, step=args.step
+        args.checkpoint, use_ema=args.use_ema, step=args.step, dtype=args.dtype
     )
     evaluation = config.get("eval", {})
     written, failed = run(

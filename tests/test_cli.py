@@ -121,3 +121,67 @@ def test_library_info_lines_are_filtered_out_and_ours_and_warnings_kept():
     assert keep.filter(record(own, logging.INFO))
     assert not keep.filter(record(library, logging.INFO))
     assert keep.filter(record(library, logging.WARNING))
+
+
+def test_argparse_programs_filter_library_info_lines_too():
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    code = (
+        "import logging, sys\n"
+        "from absl import logging as absl_logging\n"
+        "from cswin_jax import cli\n"
+        "def main():\n"
+        "    absl_logging.set_verbosity(absl_logging.INFO)\n"
+        "    logging.getLogger('orbax').info('library chatter')\n"
+        "    logging.getLogger('orbax').warning('library warning')\n"
+        "cli.run_argparse(main)\n"
+    )
+    del absl_logging
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "library chatter" not in result.stderr
+    assert "library warning" in result.stderr
+
+
+_ALARM = (
+    b"E1207 15:00:00.100000 1 slow_operation_alarm.cc:73] \n"
+    b"********************************\n"
+    b"[Compiling module jit_step] Very slow compile?  If you want to file a bug, run with "
+    b"envvar XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.\n"
+    b"********************************\n"
+)
+_FOLDING = (
+    b"E1207 15:00:01.100000 1 slow_operation_alarm.cc:73] Constant folding an instruction is "
+    b"taking > 1s:\n  %x = f32[] add(a, b)\n"
+)
+
+
+def test_the_slow_compile_banner_is_dropped_and_everything_else_passes(capfd):
+    import os  # noqa: PLC0415
+
+    with cli.without_compile_alarm():
+        os.write(2, b"before\n")
+        os.write(2, _ALARM)
+        os.write(2, b"a python line\n")
+        os.write(2, _FOLDING)
+        os.write(2, b"no newline at the end")
+    err = capfd.readouterr().err
+    assert err == ("before\na python line\n" + _FOLDING.decode() + "no newline at the end")
+    os.write(2, b"stderr is back\n")
+    assert capfd.readouterr().err == "stderr is back\n"
+
+
+def test_help_lists_every_recipe_and_the_most_used_keys():
+    text = cli.recipes_and_keys()  # resolves every listed key in configs/base.py
+    recipes = sorted(
+        p.name for p in (pathlib.Path(cli.__file__).parents[1] / "configs").glob("[!_]*.py")
+    )
+    for name in recipes:
+        assert f"configs/{name}" in text
+    from configs import base  # noqa: PLC0415
+
+    assert len(base.MOST_USED_KEYS) == 10
+    for key, _ in base.MOST_USED_KEYS:
+        assert f"  {key} " in text

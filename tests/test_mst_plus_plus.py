@@ -219,6 +219,16 @@ def test_tiny_mst_plus_plus_trains_through_the_loop(tmp_path):
     rgb = np.random.default_rng(1).uniform(0, 1, (20, 27, 3)).astype(np.float32)
     whole = inference.predict_whole(apply_fn, rgb)
     assert whole.shape == (20, 27, 31) and np.all(np.isfinite(whole))
+    # bfloat16 compute (float32 weights and output): bfloat16 keeps 8 significand bits, a
+    # relative rounding of 2^-9 per operation; through the network's ~50 layers the output
+    # drifts by about 1 % of its range, far above float32's 1e-6 and far below 10 %.
+    half_fn, _ = inference.load_generator(str(workdir), dtype="bfloat16")
+    half = inference.predict_whole(half_fn, rgb)
+    assert half.dtype == np.float32
+    drift = np.abs(half - whole).max() / np.abs(whole).max()
+    assert 1e-5 < drift < 5e-2, drift
+    with pytest.raises(ValueError, match="dtype 'float16': use one of float32, bfloat16"):
+        inference.load_generator(str(workdir), dtype="float16")
     tiled = inference.predict_tiled(apply_fn, rgb, tile=16, overlap=4, batch_size=2)
     assert tiled.shape == whole.shape and np.all(np.isfinite(tiled))
     ensembled = inference.predict_whole(apply_fn, rgb, ensemble=True)

@@ -12,6 +12,7 @@ from `loop.compiled_programs` (it keeps the newest config's programs for the pro
 """
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -395,11 +396,16 @@ def _params_of(workdir):
 
 
 @SLOW
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, caplog):
     """A run interrupted at step 2 and resumed ends at step 4 with the same bits as an
     uninterrupted run (same batches, same RNG, same optimizer state)."""
     config = tiny_config()
-    full = loop.train_and_evaluate(config, str(tmp_path / "full"))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        full = loop.train_and_evaluate(config, str(tmp_path / "full"))
+    # The console says what was written.
+    ckpt = tmp_path / "full" / "checkpoints"
+    assert f"checkpoint of step 4 written to {ckpt / 'train' / '4'}" in caplog.text
+    assert f"written to {ckpt / 'best'}" in caplog.text
     assert int(full.step) == 4
     part = loop.train_and_evaluate(config, str(tmp_path / "part"), stop_after=2)
     assert int(part.step) == 2
