@@ -17,7 +17,7 @@ What the choices are for (the README's "Model quality" section has the measured 
   cube is scaled by its own maximum; 8 scenes sample that too thinly to generalise from.
 * 8 validation scenes: with 2, one scene's scale error decided the figure (0.38 to 0.43
   between checkpoints 250 steps apart).
-* No R1 (lazy R1 is its own compiled step program: ~3 more minutes of compile here).
+* No R1 (lazy R1 is its own compiled step program: one more long compile here).
 * `configs/quickstart.py:generator` is the same run without the discriminator.
 """
 
@@ -49,10 +49,10 @@ def get_config(arg: str | None = None):
     config.loss.lambda_mrae = 1.0
     config.loss.warmup_iterations = 100
     config.sinkhorn.max_points = 64
-    # No R1: a step with R1 is its own compiled program (see cswin_jax/train.py), about three
-    # more minutes of compile on 2 CPU cores for a penalty that would fire 50 times in this
-    # 800-step run. The Sinkhorn adversarial term, the discriminator and its spectral norm
-    # are all there; configs/gan.py keeps lazy R1.
+    # No R1: a step with R1 is its own compiled program (see cswin_jax/train.py), one more
+    # long compile for a penalty that would fire 50 times in this 800-step run. The Sinkhorn
+    # adversarial term, the discriminator and its spectral norm are all there; configs/gan.py
+    # keeps lazy R1.
     config.loss.use_r1 = False
     if variant == "generator":
         base.generator_only(config)

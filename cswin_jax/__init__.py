@@ -12,11 +12,11 @@ def _default_xla_flags() -> None:
 
     That scheduler orders a program for parallelism and ignores memory: it hoists the
     recomputation of rematerialised blocks back into the forward pass, so `model.remat` saves
-    nothing, and the larger working set makes the step slower too. Measured on 2 CPU cores,
-    default generator, batch 2, 128x128, float32, forward+backward (remat='block'):
-    13.3 GB of XLA temporaries, 15.6 GB peak RSS, 17.8 s with it; 5.4 GB, 7.9 GB, 12.1 s
-    without it. It only affects CPU programs, and only takes effect when set before JAX starts
-    its CPU backend (the first computation), hence here: any `import cswin_jax...` sets it.
+    nothing, and the larger working set makes the step slower too (bench/memory.py run with
+    `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true` shows the difference in
+    XLA temporaries). It only affects CPU programs, and only takes effect when set before JAX
+    starts its CPU backend (the first computation), hence here: any `import cswin_jax...`
+    sets it.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
@@ -34,8 +34,8 @@ def restart_with_huge_pages() -> None:
 
     Call it first thing in an entry point's `__main__` block. XLA's CPU runtime allocates the
     temporaries of a training step afresh on every execution (gigabytes at default width), and
-    with 4 KiB pages the kernel zero-fills each page on first touch: about 1.7 million page
-    faults per generator forward+backward, a third of the step spent in the kernel. With
+    with 4 KiB pages the kernel zero-fills each page on first touch: millions of page faults
+    per generator forward+backward, a large share of the step spent in the kernel. With
     `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` glibc marks its large mappings for 2 MiB
     transparent huge pages, and the faults all but vanish (bench/train_step.py prints the
     effect). The tunable is read only when a process starts, hence the restart: `os.execve`

@@ -1,4 +1,4 @@
-"""Generator and discriminator losses of the Sinkhorn-GAN (SPEC §4), in float32.
+"""Generator and discriminator losses of the Sinkhorn-GAN, in float32.
 
 Every function here is pure `jax.numpy`, jittable and vmappable, and casts its inputs to float32
 first, so a bfloat16 prediction under mixed precision is scored in float32 (the original raised a
@@ -14,13 +14,16 @@ Terms:
   `F.normalize` semantics (x / max(||x||, 1e-6)), cosine clamped to [-0.999, 0.999], acos, mean.
   Identical spectra therefore score acos(0.999) = 0.0447 rad, not 0 (kept for parity).
 * `mrae_loss`: mean(|p - t| / max(|t|, eps)) with a training-safe floor eps (default 1e-3): the
-  metric's (t + 1e-8) denominator explodes on ARAD's dark pixels (SPEC §11 item 6).
+  metric's (t + 1e-8) denominator explodes on ARAD's dark pixels, and training on it is
+  ill-conditioned.
 * `sinkhorn_divergences`: the debiased Sinkhorn divergence from OTT-JAX between per-sample 1-D
   point clouds built from the discriminator's logit maps (see its docstring for the recipe and
   for how it differs from the original's 50-iteration loop).
-* `adversarial_generator_loss` / `discriminator_sinkhorn_loss`: the GAN objectives (SPEC §4.3).
+* `adversarial_generator_loss` / `discriminator_sinkhorn_loss`: the GAN objectives (the generator
+  minimises the divergence from the detached real maps, the discriminator maximises it).
 * `r1_penalty`: R1 on the real HSI input.
-* `adaptive_loss_weights` / `generator_loss`: the combined generator loss (SPEC §4.4).
+* `adaptive_loss_weights` / `generator_loss`: the combined generator loss (the
+  original's warm-up and ramp of the term weights, plus an MRAE term).
 
 Lazy R1 regularisation (done by the trainer, not here): the penalty is added to the
 discriminator loss only every `loss.r1_interval` (16) discriminator steps and multiplied by that
@@ -189,7 +192,7 @@ def sinkhorn_divergences(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-sample debiased Sinkhorn divergence S(x_b, y_b) between discriminator logit maps.
 
-    Recipe (SPEC §4.2-4.3): each sample's map is flattened to an (N, 1) point cloud, capped to
+    Recipe (the original's): each sample's map is flattened to an (N, 1) point cloud, capped to
     `sinkhorn_cfg.max_points` rows by `cap_indices`, and both clouds are divided by the joint
     scale s = max(max|x|, max|y|, rescale_floor) (the gradient flows through s). The divergence
     is OTT-JAX's `sinkhorn_divergence` on `PointCloud`s with the squared-Euclidean cost,
@@ -204,12 +207,13 @@ def sinkhorn_divergences(
     `ImplicitDiff`, which also applies Danskin's theorem to the cost), so no iterations are
     stored for the backward pass. `info['converged']` reports whether the cap was reached first.
 
-    Deliberate differences from the original's loop (accepted in SPEC §14.1): it ran exactly 50
-    unconverged u-first iterations with a 1e-6 floor on the kernel, used the sharp <P, C>, and
-    detached one argument of each self-term; on the golden clouds the values differ by 3-12 %
-    and the gradients by 12-38 % (relative to their max). `sinkhorn_cfg.kernel_clamp` and
-    `force_fp32` have no counterpart here (the log-domain solver needs no kernel clamp;
-    everything runs in float32). Non-finite logits are
+    Deliberate differences from the original's loop: it ran exactly 50 unconverged u-first
+    iterations with a 1e-6 floor on the kernel, used the sharp <P, C>, and detached one argument
+    of each self-term, so its value depends on the argument order and on the iteration count.
+    This is the converged, debiased quantity that loop approximates; on the golden clouds the
+    values differ by 3-12 % and the gradients by 12-38 % (relative to their max).
+    `sinkhorn_cfg.kernel_clamp` and `force_fp32` have no counterpart here (the log-domain
+    solver needs no kernel clamp; everything runs in float32). Non-finite logits are
     not masked: they make the loss non-finite, and the train step skips that update.
 
     Args:
@@ -381,13 +385,13 @@ def chunked_r1_penalty(
     """`r1_penalty` over `chunks` slices of the batch, one slice at a time.
 
     The penalty's double backward keeps the discriminator's forward and first-backward
-    activations (measured with `bench/memory.py`-style residuals at batch 20, default width:
-    11.5 GiB, the largest part of a GAN step). Here the batch is cut into `chunks` strided
-    slices (samples c, c + chunks, ...: each device's share of a batch-sharded array stays on
-    it) and a checkpointed `lax.scan` runs them in turn, so the backward holds one slice's
-    activations. The discriminator treats samples independently (no batch statistics), so
-    the value and its gradient are the full batch's, up to summation order. `chunks=1` is
-    `r1_penalty` itself.
+    activations, the largest part of a GAN step's memory at the default width
+    (`bench/memory.py --trainer --r1_chunks 1,4` prints the effect of chunking). Here the
+    batch is cut into `chunks` strided slices (samples c, c + chunks, ...: each device's share
+    of a batch-sharded array stays on it) and a checkpointed `lax.scan` runs them in turn, so
+    the backward holds one slice's activations. The discriminator treats samples
+    independently (no batch statistics), so the value and its gradient are the full batch's,
+    up to summation order. `chunks=1` is `r1_penalty` itself.
 
     Args:
       logits_fn: (rgb, hsi) -> (logits, aux), e.g. a train-mode discriminator call; aux (the
@@ -422,7 +426,7 @@ def chunked_r1_penalty(
 
 
 def adaptive_loss_weights(step: Any, loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Loss weights of the original's `NoiseRobustLoss.get_adaptive_weights` (SPEC §4.4).
+    """Loss weights of the original's `NoiseRobustLoss.get_adaptive_weights`.
 
     With it = max(step, 0), W = `loss.warmup_iterations`, p = min(1, (it - W) / 50000):
       it < W:  rec = l_rec, perc = l_perc * it/W, adv = 0.5 * l_adv * it/W, sam = l_sam * it/W;

@@ -1,4 +1,4 @@
-"""Evaluation metrics and the ARAD-1K / MST++ centre-crop protocol (SPEC §7), in float32.
+"""Evaluation metrics and the ARAD-1K / MST++ centre-crop protocol, in float32.
 
 Every metric reduces over the whole input, like the original (validation batches hold one
 image; for per-image numbers `jax.vmap` a metric over the batch). Inputs are NHWC with the 31
@@ -126,7 +126,7 @@ def ssim(pred: jax.Array, target: jax.Array) -> jax.Array:
     def blur(x: jax.Array) -> jax.Array:
         # The window is an outer product, so the "same" zero-padded 2-D convolution is a 1-D
         # pass along H, then one along W, each a sum of shifted copies (XLA CPU lowers the
-        # depthwise 11x11 convolution this replaces about 9x slower).
+        # depthwise 11x11 convolution this replaces to much slower code).
         height, width = x.shape[1], x.shape[2]
         xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
         x = sum(float(t) * xp[:, k : k + height] for k, t in enumerate(taps))

@@ -29,7 +29,7 @@ Spectral-norm state advances on every training-mode discriminator call, as in th
 A step whose loss or gradients are not finite changes nothing (parameters, optimizer states,
 EMA) and is counted; the loop stops after `max_consecutive_nonfinite` in a row.
 
-Differences from the original CSWIN v2 PyTorch trainer, all deliberate fixes (SPEC §11):
+Differences from the original CSWIN v2 PyTorch trainer, all deliberate fixes of its defects:
 learning-rate horizons count optimizer steps; eta_min is absolute; R1 fires (½γ, lazy);
 n_critic means "one D step every n_critic G steps"; losses run in float32 under bfloat16
 compute; EMA weights are validated and kept as the best model; every validation scene is
@@ -224,8 +224,9 @@ def _init_key(key: jax.Array) -> jax.Array:
 
     Flax derives one key per parameter by `fold_in` along the module path, and each threefry
     `fold_in` or draw is inlined by XLA as a few hundred integer ops: the generator's init
-    (452 fold_ins and ~300 draws, whatever the width) compiled for about a minute on CPU.
-    XLA's RngBitGenerator does the same work in one op each (58 s -> 18 s at test width).
+    (452 fold_ins and ~300 draws, whatever the width) compiled slowly on CPU. XLA's
+    RngBitGenerator does the same work in one op each, so the init compiles in a fraction of
+    the time.
     It only seeds the initial weights (same distributions, still a pure function of
     `config.seed`); the run's own stream (`TrainState.rng`) stays threefry.
     """
@@ -243,9 +244,9 @@ def _finite_update(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
     Any NaN/Inf gradient entry makes the norm non-finite (so does a norm above ~1.8e19, which
     clipping could not rescue either). Deliberately not `all(isfinite(leaf) for leaf ...)`:
     XLA CPU's compile time grows quadratically with the number of leaves for a scalar that is
-    a cheap reduction over all of them and feeds a select on every leaf (300 leaves: 16 s,
-    the tiny GAN step's 642-leaf state: minutes); a scalar computed through a square root
-    compiles in linear time (2 s).
+    a cheap reduction over all of them and feeds a select on every leaf (the GAN step's
+    state has hundreds of leaves); a scalar computed through a square root compiles in linear
+    time.
     """
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -447,11 +448,11 @@ class Trainer:
         )
         micro_batches = {"rgb": batch["rgb"], "hsi": batch["hsi"]}
         if n_micro == 1 or jax.default_backend() == "cpu":
-            # Unrolled. XLA CPU runs a convolution inside a loop body ~100x slower than the
-            # same convolution outside one (a 64x64x256 3x3 kernel gradient: 13 s vs 0.12 s):
-            # in a scan, the generator's convolutions (mostly 3x3 kernel gradients) took 74 s
-            # of op time in a 73 s default-width batch-2 step (16 s unrolled). Costs compile
-            # time (1.8x at A = 2), not run time.
+            # Unrolled. XLA CPU runs a convolution inside a loop body far slower than the
+            # same convolution outside one, and the generator's convolutions (mostly 3x3
+            # kernel gradients) dominate the step: in a scan they made it several times
+            # slower. Costs compile time (one copy of the micro-step per micro-batch), not
+            # run time.
             (grad_sum, loss_sum, sn, hsi_pred, sn_real), terms = _unrolled_scan(
                 micro_step, carry, micro_batches, n_micro
             )

@@ -130,7 +130,7 @@ def test_group_norm_matches_pytorch_definition():
 
 
 def _resize_ref(x, out_h, out_w):
-    """PyTorch bilinear, align_corners=False, float32 source coordinates (SPEC §13.4)."""
+    """PyTorch bilinear, align_corners=False, with float32 source coordinates as PyTorch's."""
 
     def coords(n_in, n_out):
         scale = np.float32(n_in) / np.float32(n_out)

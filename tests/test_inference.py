@@ -63,7 +63,7 @@ def test_tile_geometry_matches_golden(golden_dir):
 
 
 def test_golden_zero_set_is_where_summed_weight_is_zero(golden_dir):
-    """The original's output is 0 exactly where its summed blend weight is 0 (SPEC §14.10).
+    """The original's output is 0 exactly where its summed blend weight is 0.
 
     Cropping padded tiles' weights top-left matters: in case 1 (50 rows < patch 64) the
     last row is non-zero. This port floors the ramp, so its summed weight is never 0.
@@ -256,7 +256,7 @@ def test_tiny_generator_tiles_match_golden(golden_dir, tiny_generator_apply, cas
     """The original's PatchInference output with the tiny generator.
 
     Compared everywhere EXCEPT where the original's summed blend weight is 0: there the
-    original outputs 0 (its ramp starts at exactly 0; SPEC §14.10), while this port's floored
+    original outputs 0 (its ramp starts at exactly 0), while this port's floored
     ramp gives the average of the covering tiles, which must be finite and non-zero.
     Tolerance max|d| / max|ref| <= 1e-4 (the golden README's model-output tolerance); the
     1e-6 ramp floor contributes at most ~1e-6 of the tiles' disagreement (observed 3-4e-5).

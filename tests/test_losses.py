@@ -3,10 +3,10 @@
 Golden arrays are NCHW; they are transposed to NHWC before use. Tolerances are
 max|delta| / max|ref| unless stated otherwise.
 
-The Sinkhorn terms come from OTT-JAX and cannot match the original's values closely by design
-(SPEC §14.1): the original runs exactly 50 unconverged u-first iterations with a 1e-6 floor on
-the kernel, scores the sharp <P, C> and detaches one argument of each self-term, whereas OTT
-converges the debiased entropic divergence. The OTT-based losses are therefore checked against
+The Sinkhorn terms come from OTT-JAX and cannot match the original's values closely by design:
+the original runs exactly 50 unconverged u-first iterations with a 1e-6 floor on the kernel,
+scores the sharp <P, C> and detaches one argument of each self-term, whereas OTT converges the
+debiased entropic divergence. The OTT-based losses are therefore checked against
 an independent float64 log-domain Sinkhorn written below (`_reg_ot`), and against the golden
 values only loosely (15 %).
 """
@@ -293,7 +293,7 @@ def test_sinkhorn_losses_match_float64_oracle(case, ott_results, oracle):
 
 @pytest.mark.parametrize("case", ["main", "main_capped"])
 def test_sinkhorn_near_golden_within_15_percent(case, golden, ott_results):
-    """The golden Sinkhorn values within 15 % only, by design (SPEC §14.1): the original's
+    """The golden Sinkhorn values within 15 % only, by design: the original's
     50-iteration u-first loop is unconverged for one argument order, floors the kernel at 1e-6
     and scores the sharp <P, C>, while OTT converges the entropic debiased divergence
     (measured gaps 3-12 %). The joint scale itself must match exactly."""
@@ -396,9 +396,11 @@ def combined_fn(config, golden):
 def test_generator_loss_matches_golden(iteration, golden, combined_fn, oracle):
     """Combined loss at each golden step. Non-adversarial parts (terms, weighted terms, total
     minus weighted_adv) <= 1e-4 relative; grad w.r.t. the prediction allclose(rtol 1e-4,
-    atol 1e-6) (SAM-clamp sensitivity, SPEC §14.8); the adversarial part is OTT-based, so it is
-    checked against the float64 oracle (w_adv * oracle grad, <= 1e-4) and the golden value
-    within 15 % (SPEC §14.1)."""
+    atol 1e-6): most pixels sit at the SAM loss's 0.999 cosine clamp with zero gradient and the
+    rest where d acos / dc ~ -22, so a different rounding of the cosine can flip pixels across the
+    clamp; the adversarial part is OTT-based, so it is checked against the float64 oracle
+    (w_adv * oracle grad, <= 1e-4) and the golden value within 15 % (the original's Sinkhorn
+    loop is unconverged, see the module docstring)."""
     prefix = f"combined/main/it{iteration}/"
     pred = _nhwc(golden["input/pred"])
     fake = _nhwc(golden["input/disc_fake"])

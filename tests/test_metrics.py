@@ -2,7 +2,7 @@
 
 Golden arrays are NCHW and transposed to NHWC. MRAE, RMSE, PSNR and MAE must match to
 <= 1e-6 relative: they are float32 reductions and differ only by summation order (measured
-<= 3e-7). The SAM metric is looser (SPEC §14.9): acos amplifies the float32 rounding of cosines
+<= 3e-7). The SAM metric is looser: acos amplifies the float32 rounding of cosines
 that sit just below 1 (d acos / dc = -1 / sqrt(1 - c^2) ~ -140 at 0.4 degrees), so on real pairs
 it is held to <= 1e-4 relative (measured <= 5.3e-5), and on identical inputs, where the whole
 value is rounding noise (0.0098 degrees in the original, 0.0089 here; 0 in exact arithmetic),

@@ -267,9 +267,9 @@ class BatchBuffers:
     """Output arrays for `gather_patches`, reused once nothing outside the pool holds them.
 
     A fresh batch array is new memory on every batch, and the first write to a new page costs
-    far more than the copy itself: on the 2-core machine this project is tested on, filling a
-    fresh 20 x 128 x 128 x 31 float32 batch took 600-650 us per patch (2.4 ms without
-    transparent huge pages) against 80-170 us into memory already touched.
+    far more than the copy itself: filling a fresh batch is several times slower than filling
+    memory already touched, and slower still without transparent huge pages
+    (bench/input_pipeline.py prints the CPU time per patch).
 
     A buffer is handed out again only when the pool holds the last reference to it
     (`sys.getrefcount`): while a consumer, a queue or any view (`batch[i]`, a zero-copy device

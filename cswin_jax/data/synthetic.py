@@ -80,7 +80,7 @@ def spectral_library() -> dict:
     Returns {'reflectances': [N, 31], 'illuminants': {family: [[31], ...]},
     'cameras': {name: [31, 3]}}; illuminants scaled to max 1, cameras to max 1.
     """
-    import colour  # noqa: PLC0415  (0.8 s import, only needed to build the library)
+    import colour  # noqa: PLC0415  (a slow import, only needed to build the library)
     from colour.quality.cfi2017 import load_TCS_CIE2017  # noqa: PLC0415
     from colour.quality.datasets import SDS_TCS, SDS_VS  # noqa: PLC0415
 

@@ -32,8 +32,9 @@ Dtype = Any
 
 # Attention with more than _CHUNK_ABOVE_LOGITS logits runs in sequential chunks of rows/columns
 # of _MAX_LOGITS_PER_CHUNK logits each: this bounds memory (a full 482x512 frame would otherwise
-# materialise ~2 GB of logits per branch) and keeps each chunk in cache. On XLA CPU, 16 MB chunks
-# made full frames 2x faster than 64 MB ones; one 128x128 patch (9.4M logits) runs unchunked.
+# materialise ~2 GB of logits per branch) and keeps each chunk in cache: on XLA CPU, 16 MB chunks
+# ran full frames faster than 64 MB ones (bench/forward.py --sizes 482x512 prints the time). One
+# 128x128 patch (9.4M logits) runs unchunked.
 _CHUNK_ABOVE_LOGITS = 1 << 24
 _MAX_LOGITS_PER_CHUNK = 1 << 22
 # Up to this many chunks are unrolled into the program; more run in a loop.

@@ -269,8 +269,8 @@ class Generator(nn.Module):
     `blocks_per_stage`: dual-attention blocks per stage (the original: 2, fixed).
     `remat`: 'none', 'attention' (recompute attention branches in backward) or 'block'
     (recompute whole DualTransformerBlocks, and each sub-layer again inside them) — memory
-    only, same numbers (`layers.ordered_checkpoint`: at batch 20, 128x128, bfloat16, the
-    forward+backward needs 8.7 GiB of XLA temporaries on CPU with 'block').
+    only, same numbers (`layers.ordered_checkpoint`; bench/memory.py prints each policy's XLA
+    temporaries).
     """
 
     in_channels: int = 3

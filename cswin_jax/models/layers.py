@@ -8,7 +8,7 @@ number for number, in the layout Flax prefers:
 * 1x1 convolutions are matmuls over the channel axis with `(in, out)` kernels (the checkpoint
   converter reshapes PyTorch's `(out, in, 1, 1)` weights onto them).
 * Depthwise 3x3 convolutions are nine shifted multiply-adds with a `(3, 3, 1, C)` kernel:
-  XLA's CPU lowering of grouped convolutions is ~27x slower than this.
+  XLA's CPU lowering of grouped convolutions is far slower than this.
 * GroupNorm statistics are always computed in float32 (eps 1e-5, PyTorch's default).
 
 `checkpointed_call` is the rematerialisation the models' `remat` options use.
@@ -257,10 +257,11 @@ def ordered_checkpoint(fn: Callable[[PyTree, Array], Array]) -> Callable[[PyTree
       parameter gradient of the call (`+ 0 * sum(max|g|)`; a max, because XLA merges a sum
       of a reduction into one reduction that no longer waits for the gradient itself).
 
-    Measured with XLA's memory analysis, default generator forward+backward, batch 20,
-    128x128, bfloat16, whole-block remat on CPU: 49.3 GiB of temporaries with `nn.remat`
-    (no less than without remat), 22.9 GiB with the gradient dependency, 8.7 GiB with it and
-    each sub-layer recomputed inside the block (`DualTransformerBlock`). Reverse mode only:
+    In XLA's memory analysis of the default generator's forward+backward with whole-block
+    remat on CPU, `nn.remat` kept as many temporaries as no remat at all; the gradient
+    dependency cut them by more than half, and recomputing each sub-layer inside the block
+    (`DualTransformerBlock`) by more than half again (bench/memory.py prints them per policy;
+    tests/test_generator.py checks the saving). Reverse mode only:
     used for the generator, never under the discriminator's second-order R1 gradient.
     """
 
