@@ -42,20 +42,6 @@ from cswin_jax import cli, inference, metrics
 _FIRST_COLUMNS = ("stem", "has_ground_truth")
 
 
-def scored_window(height: int, width: int) -> tuple[int, int, int, int] | None:
-    """(y0, x0, y1, x1) of the pixels `metrics.center_crop_metrics` scores; None if empty."""
-    margin = metrics.CENTER_SLICE_MARGIN
-    if height <= 2 * margin or width <= 2 * margin:
-        return None
-    y0, x0, y1, x1 = margin, margin, height - margin, width - margin
-    crop_h, crop_w = metrics.ARAD1K_CROP_HEIGHT, metrics.ARAD1K_CROP_WIDTH
-    if y1 - y0 >= crop_h and x1 - x0 >= crop_w:
-        y0 += (y1 - y0 - crop_h) // 2
-        x0 += (x1 - x0 - crop_w) // 2
-        y1, x1 = y0 + crop_h, x0 + crop_w
-    return y0, x0, y1, x1
-
-
 @functools.cache
 def _jitted_metrics(clamp_predictions: bool):
     return jax.jit(
@@ -100,19 +86,24 @@ def _progress(iterable: Iterable, total: int, description: str):
 def evaluate_scenes(
     apply_fn: Callable,
     scenes: Any,
+    settings: Any,
     *,
-    tiled: bool = False,
+    tiled: bool | None = None,
     ensemble: bool = False,
-    tile: int = 128,
-    overlap: int = 16,
-    batch_size: int = 4,
+    clamp_predictions: bool = True,
+    progress: bool = True,
     on_prediction: Callable[[dict, np.ndarray, np.ndarray, np.ndarray | None], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Predicts and scores every scene.
+    """Predicts and scores every scene: the evaluation of the CLI and of training validation.
 
     Args:
       apply_fn: `[N, h, w, 3] -> [N, h, w, 31]` (e.g. from `inference.load_generator`).
       scenes: see `scene_loader`.
+      settings: the run's `config.eval` (`inference.eval_settings`): whole frame or tiles.
+      tiled: overrides `settings.tiled`.
+      ensemble: 8-way D4 self-ensemble.
+      clamp_predictions: also score the prediction clamped to [0, 1] (`<name>_clamped`).
+      progress: a progress bar over the scenes.
       on_prediction: called as (row, rgb, prediction, truth or None) after each scene, with
         `row` the scene's result dict (below).
 
@@ -121,19 +112,15 @@ def evaluate_scenes(
     """
     count, stems, load = scene_loader(scenes)
     rows = []
-    for i in _progress(range(count), count, "evaluate"):
+    indices = _progress(range(count), count, "evaluate") if progress else range(count)
+    for i in indices:
         rgb, hsi_true = load(i)
         start = time.perf_counter()
-        if tiled:
-            hsi_pred = inference.predict_tiled(
-                apply_fn, rgb, tile=tile, overlap=overlap, batch_size=batch_size, ensemble=ensemble
-            )
-        else:
-            hsi_pred = inference.predict_whole(apply_fn, rgb, ensemble=ensemble)
+        hsi_pred = inference.predict_frame(apply_fn, rgb, settings, tiled=tiled, ensemble=ensemble)
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {"stem": stems[i], "has_ground_truth": hsi_true is not None}
         if hsi_true is not None:
-            row.update(score_scene(hsi_pred, hsi_true))
+            row.update(score_scene(hsi_pred, hsi_true, clamp_predictions))
         else:
             logging.info("%s: no ground-truth cube; predicted only, not scored", stems[i])
         row["seconds"] = seconds
@@ -259,7 +246,7 @@ def write_figures(
 
     written = []
     for stem, (rgb, hsi_pred, hsi_true) in predictions.items():
-        crop = scored_window(*hsi_pred.shape[:2]) if hsi_true is not None else None
+        crop = metrics.scored_window(*hsi_pred.shape[:2]) if hsi_true is not None else None
         written += viz.write_scene_figures(figure_dir, stem, hsi_pred, hsi_true, rgb, crop=crop)
     scored = [r for r in rows if r["has_ground_truth"]]
     if scored:
@@ -348,8 +335,8 @@ def evaluate_checkpoint(
     else:
         data_root = arad.check_layout(data_dir)
     scenes = pipeline.open_scenes(config, data_root, split, require_cubes=False)
-    evaluation = config.get("eval", ml_collections.ConfigDict())
-    use_tiles = bool(evaluation.get("tiled", False)) if tiled is None else tiled
+    settings = inference.eval_settings(config)
+    use_tiles = bool(settings.tiled) if tiled is None else tiled
     keeper = _FigureKeeper(num_figure_scenes) if figures else None
     logging.info(
         "evaluating %s on %d %s scenes from %s (%s%s)",
@@ -361,14 +348,7 @@ def evaluate_checkpoint(
         ", 8-way ensemble" if ensemble else "",
     )
     rows = evaluate_scenes(
-        apply_fn,
-        scenes,
-        tiled=use_tiles,
-        ensemble=ensemble,
-        tile=int(evaluation.get("tile_size", 128)),
-        overlap=int(evaluation.get("tile_overlap", 16)),
-        batch_size=int(evaluation.get("tile_batch_size", 4)),
-        on_prediction=keeper,
+        apply_fn, scenes, settings, tiled=use_tiles, ensemble=ensemble, on_prediction=keeper
     )
     summary = summarize(rows)
     summary["settings"] = {

@@ -57,21 +57,27 @@ class ModelApply:
     def __init__(self, fn: Callable[[Any, jax.Array], jax.Array], variables: Any):
         self.fn = fn
         self.variables = variables
-        self._runners: dict[bool, Callable] = {}
 
     def __call__(self, rgb: jax.Array) -> jax.Array:
         return self.fn(self.variables, rgb)
 
     def runner(self, ensemble: bool) -> ApplyFn:
-        if ensemble not in self._runners:
-            fn = self.fn
+        """The jitted `rgb -> hsi` of these variables; shared by every `ModelApply` of the same
+        `fn` (the training loop validates new weights with the program compiled once)."""
+        runners = _MODEL_RUNNERS.setdefault(self.fn, {})
+        if ensemble not in runners:
+            fn_ref = weakref.ref(self.fn)  # a strong reference would keep the key alive
 
             def run(variables, rgb):
-                return _maybe_ensemble(lambda x: fn(variables, x), rgb, ensemble)
+                return _maybe_ensemble(lambda x: fn_ref()(variables, x), rgb, ensemble)
 
-            self._runners[ensemble] = jax.jit(run)
-        jitted = self._runners[ensemble]
+            runners[ensemble] = jax.jit(run)
+        jitted = runners[ensemble]
         return lambda rgb: jitted(self.variables, rgb)
+
+
+# Jitted runners of `ModelApply.fn`s, keyed weakly: a discarded model frees its programs.
+_MODEL_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_generator_apply(model: Any, params: Any, *, step: int | None = None) -> ModelApply:
@@ -254,9 +260,9 @@ def predict_tiled(
     apply_fn: ApplyFn,
     rgb: Any,
     *,
-    tile: int = 128,
-    overlap: int = 16,
-    batch_size: int = 4,
+    tile: int,
+    overlap: int,
+    batch_size: int,
     ensemble: bool = False,
     ramp_floor: float = DEFAULT_RAMP_FLOOR,
 ) -> np.ndarray:
@@ -311,6 +317,36 @@ def predict_tiled(
         outputs.append(hsi_sum / np.maximum(weight_sum, np.finfo(np.float32).tiny))
     out = np.stack(outputs)
     return out[0] if squeeze else out
+
+
+def eval_settings(config: Any) -> Any:
+    """`config.eval` of a run's config (a ConfigDict or a checkpoint's dict) over the defaults
+    of `configs/base.py`, so a checkpoint written before a key existed gets its default."""
+    from configs import base  # noqa: PLC0415
+
+    settings = base.get_config().eval
+    saved = config.get("eval") if hasattr(config, "get") else None
+    settings.update(dict(saved or {}))
+    return settings
+
+
+def predict_frame(
+    apply_fn: ApplyFn, rgb: Any, settings: Any, *, tiled: bool | None = None, ensemble=False
+) -> np.ndarray:
+    """rgb [H, W, 3] (or [B, H, W, 3]) -> float32 cube: the whole frame in one call, or tiled
+    with the tiles of `settings` (`config.eval`: tile_size, tile_overlap, tile_batch_size)
+    when `tiled` (default: `settings.tiled`). The one prediction path of training
+    validation, `evaluate` and `predict`."""
+    if settings.tiled if tiled is None else tiled:
+        return predict_tiled(
+            apply_fn,
+            rgb,
+            tile=int(settings.tile_size),
+            overlap=int(settings.tile_overlap),
+            batch_size=int(settings.tile_batch_size),
+            ensemble=ensemble,
+        )
+    return predict_whole(apply_fn, rgb, ensemble=ensemble)
 
 
 def summed_weight(

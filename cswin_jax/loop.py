@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import cli, evaluate, metrics, models, sharding
+from cswin_jax import cli, evaluate, inference, metrics, models, sharding
 from cswin_jax.data import pipeline
 from cswin_jax.train import (
     StepKind,
@@ -67,7 +67,9 @@ class Programs(NamedTuple):
     init_fn: jax.stages.Compiled  # rng key -> TrainState
     # Per `StepKind` the run has: (state, batch) -> (state, metrics), state donated.
     step_fns: Mapping[StepKind, jax.stages.Compiled]
-    predict_fn: Callable  # (params, rgb [B, H, W, 3]) -> hsi (jitted)
+    # ({'params': generator params}, rgb [B, H, W, 3]) -> hsi: the float32 eval-mode
+    # generator, as `inference.ModelApply` takes it (its jitted runners are kept per function).
+    predict_fn: Callable
 
 
 _PROGRAMS: dict[tuple, Programs] = {}
@@ -118,8 +120,8 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     Kept for the newest (config, devices) pair of this process, so another
     `train_and_evaluate` call with the same config (a resume in the same process, a notebook
     re-run) reuses the compiled step. A compiled CPU step is expensive to get even from the
-    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph (the
-    tiny one-device test step: a 145 s load on 2 cores, about its compile time).
+    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph, which
+    takes about as long as compiling it.
     """
     key = _programs_key(config, mesh)
     if key in _PROGRAMS:
@@ -165,7 +167,7 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         batch_sharding=batch_sharding,
         init_fn=init_fn,
         step_fns=step_fns,
-        predict_fn=jax.jit(trainer.predict),
+        predict_fn=lambda variables, rgb: trainer.predict(variables["params"], rgb),
     )
     _PROGRAMS[key] = programs
     return programs
@@ -179,8 +181,8 @@ def _step_name(kind) -> str:
 
 def compile_all(lowered: Mapping) -> dict:
     """`{key: lowered.compile()}`, one after the other: compiling two GAN-step programs side
-    by side doubles the compiler's peak memory (measured: a 2-process test was killed for
-    memory on a 23 GB host) for about 20 % less wall time."""
+    by side doubles the compiler's peak memory (enough to kill a two-process run on a small
+    host) for little less wall time."""
     return {k: v.compile() for k, v in lowered.items()}
 
 
@@ -212,21 +214,6 @@ class _StopRequested:
 def _stack_micro_batches(iterator, n: int) -> dict[str, np.ndarray]:
     parts = [next(iterator) for _ in range(n)]
     return {k: np.stack([p[k] for p in parts]) for k in ("rgb", "hsi")}
-
-
-def evaluate_scenes(
-    predict_fn: Callable, params, scenes, *, clamp_predictions: bool = False
-) -> dict[str, float]:
-    """Mean centre-crop metrics over `scenes` (iterable of (stem, rgb, hsi))."""
-    rows = []
-    for _, rgb, hsi in scenes:
-        if hsi is None:
-            continue
-        pred = np.asarray(predict_fn(params, jnp.asarray(rgb)[None]))[0]
-        rows.append(evaluate.score_scene(pred, hsi, clamp_predictions))
-    if not rows:
-        raise ValueError("validation split has no scene with ground truth")
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def log_floor(config: ml_collections.ConfigDict, writer, train_scenes, valid_scenes) -> dict:
@@ -373,12 +360,16 @@ def train_and_evaluate(
                         )
                 if step % config.iterations_per_epoch == 0 or step == n_steps:
                     val_start = time.time()
-                    val = evaluate_scenes(
-                        predict_fn,
-                        state.ema_params,
+                    rows = evaluate.evaluate_scenes(
+                        inference.ModelApply(predict_fn, {"params": state.ema_params}),
                         valid_scenes,
+                        config.eval,
                         clamp_predictions=config.eval.clamp_predictions,
+                        progress=False,
                     )
+                    val = evaluate.summarize(rows)["mean"]
+                    if not val:
+                        raise ValueError("the validation split has no scene with ground truth")
                     writer.scalars(step, {f"val/{k}": v for k, v in val.items()})
                     logging.info(
                         "step %d validation (EMA weights): %s",

@@ -218,17 +218,28 @@ def center_crop_metrics(
       dict of float32 scalars (see `compute_metrics`), or the sentinel dict.
     """
     _check_pair(pred, target)
-    m = CENTER_SLICE_MARGIN
-    h, w = pred.shape[-3], pred.shape[-2]
-    if h <= 2 * m or w <= 2 * m:
+    window = scored_window(pred.shape[-3], pred.shape[-2])
+    if window is None:
         sentinel = dict(EMPTY_CROP_SENTINEL)
         if clamp_predictions:
             sentinel.update({f"{k}_clamped": v for k, v in EMPTY_CROP_SENTINEL.items()})
         return {k: jnp.float32(v) for k, v in sentinel.items()}
-    pred_slice = pred[..., m : h - m, m : w - m, :]
-    target_slice = target[..., m : h - m, m : w - m, :]
-    sh, sw = pred_slice.shape[-3], pred_slice.shape[-2]
-    if sh >= ARAD1K_CROP_HEIGHT and sw >= ARAD1K_CROP_WIDTH:
-        pred_slice = center_crop(pred_slice, ARAD1K_CROP_HEIGHT, ARAD1K_CROP_WIDTH)
-        target_slice = center_crop(target_slice, ARAD1K_CROP_HEIGHT, ARAD1K_CROP_WIDTH)
-    return compute_metrics(pred_slice, target_slice, clamp_predictions=clamp_predictions)
+    y0, x0, y1, x1 = window
+    return compute_metrics(
+        pred[..., y0:y1, x0:x1, :], target[..., y0:y1, x0:x1, :], clamp_predictions
+    )
+
+
+def scored_window(height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) of the pixels `center_crop_metrics` scores in an HxW frame, None when
+    the slice [128:-128, 128:-128] is empty: the centred 226x256 window of the slice, or the
+    whole slice when it is smaller (rows 128:354, columns 128:384 of a 482x512 frame)."""
+    margin = CENTER_SLICE_MARGIN
+    if height <= 2 * margin or width <= 2 * margin:
+        return None
+    y0, x0, y1, x1 = margin, margin, height - margin, width - margin
+    if y1 - y0 >= ARAD1K_CROP_HEIGHT and x1 - x0 >= ARAD1K_CROP_WIDTH:
+        y0 += (y1 - y0 - ARAD1K_CROP_HEIGHT) // 2
+        x0 += (x1 - x0 - ARAD1K_CROP_WIDTH) // 2
+        y1, x1 = y0 + ARAD1K_CROP_HEIGHT, x0 + ARAD1K_CROP_WIDTH
+    return y0, x0, y1, x1

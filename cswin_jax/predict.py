@@ -33,6 +33,7 @@ import pathlib
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -217,26 +218,6 @@ def list_inputs(path: str | pathlib.Path) -> list[pathlib.Path]:
 # ----------------------------------------------------------------------------- prediction
 
 
-def predict_cube(
-    apply_fn,
-    rgb: np.ndarray,
-    *,
-    tiled: bool = False,
-    ensemble: bool = False,
-    tile: int = 128,
-    overlap: int = 16,
-    batch_size: int = 4,
-) -> np.ndarray:
-    """rgb: [H, W, 3] normalised -> [H, W, 31] float32 (whole frame or tiled)."""
-    from cswin_jax import inference
-
-    if tiled:
-        return inference.predict_tiled(
-            apply_fn, rgb, tile=tile, overlap=overlap, batch_size=batch_size, ensemble=ensemble
-        )
-    return inference.predict_whole(apply_fn, rgb, ensemble=ensemble)
-
-
 def run(
     apply_fn,
     inputs: Sequence[pathlib.Path],
@@ -248,11 +229,15 @@ def run(
     ensemble: bool = False,
     clamp: bool = True,
     max_whole_pixels: int = 1 << 20,
-    tile: int = 128,
-    overlap: int = 16,
-    batch_size: int = 4,
+    settings: Any = None,
 ) -> tuple[list[pathlib.Path], dict[str, str]]:
-    """Predicts every input and writes the cubes. Returns (written files, {image: error})."""
+    """Predicts every input and writes the cubes. Returns (written files, {image: error}).
+
+    settings: the model's `config.eval` (`inference.eval_settings`), whose tiles serve
+    --tiled and images over `max_whole_pixels`; None: the defaults of configs/base.py."""
+    from cswin_jax import inference
+
+    settings = inference.eval_settings({}) if settings is None else settings
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     written, failed = [], {}
@@ -267,15 +252,7 @@ def run(
             failed[str(path)] = str(err)
             continue
         use_tiles = tiled or rgb.shape[0] * rgb.shape[1] > max_whole_pixels
-        cube = predict_cube(
-            apply_fn,
-            rgb,
-            tiled=use_tiles,
-            ensemble=ensemble,
-            tile=tile,
-            overlap=overlap,
-            batch_size=batch_size,
-        )
+        cube = inference.predict_frame(apply_fn, rgb, settings, tiled=use_tiles, ensemble=ensemble)
         if clamp:
             cube = np.clip(cube, 0.0, 1.0)
         written.append(write_cube(output_dir / f"{path.stem}.{fmt}", cube))
@@ -359,7 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_fn, config = inference.load_generator(
         args.checkpoint, use_ema=args.use_ema, step=args.step, dtype=args.dtype
     )
-    evaluation = config.get("eval", {})
     written, failed = run(
         apply_fn,
         inputs,
@@ -370,9 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensemble=args.ensemble,
         clamp=args.clamp,
         max_whole_pixels=args.max_whole_pixels,
-        tile=int(evaluation.get("tile_size", 128)),
-        overlap=int(evaluation.get("tile_overlap", 16)),
-        batch_size=int(evaluation.get("tile_batch_size", 4)),
+        settings=inference.eval_settings(config),
     )
     print(f"wrote {len(written)} files to {output_dir}")
     for path, error in failed.items():

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from stand_in_models import BANDS, pointwise_model, write_tiny_checkpoint
 
-from cswin_jax import evaluate, metrics
+from cswin_jax import evaluate, inference, metrics
+
+SETTINGS = inference.eval_settings({})  # configs/base.py's config.eval: whole frames
 
 
 def _scene(stem, height, width, seed, with_truth=True):
@@ -19,13 +21,13 @@ def _scene(stem, height, width, seed, with_truth=True):
 
 
 def test_scored_window_is_the_protocol_window():
-    assert evaluate.scored_window(482, 512) == (128, 128, 354, 384)
-    assert evaluate.scored_window(300, 320) == (128, 128, 172, 192)  # fallback: whole slice
-    assert evaluate.scored_window(256, 400) is None  # empty slice -> sentinel
+    assert metrics.scored_window(482, 512) == (128, 128, 354, 384)
+    assert metrics.scored_window(300, 320) == (128, 128, 172, 192)  # fallback: whole slice
+    assert metrics.scored_window(256, 400) is None  # empty slice -> sentinel
     # Errors only outside the window must not move the metrics (same pixels as metrics.py).
     truth = np.random.default_rng(0).uniform(0.2, 1, (482, 512, BANDS)).astype(np.float32)
     pred = truth.copy()
-    y0, x0, y1, x1 = evaluate.scored_window(482, 512)
+    y0, x0, y1, x1 = metrics.scored_window(482, 512)
     outside = np.ones((482, 512), bool)
     outside[y0:y1, x0:x1] = False
     pred[outside] += 1.0
@@ -48,7 +50,7 @@ def test_rows_and_summary_with_a_scene_without_truth():
     def keep(row, rgb, pred, truth):
         predictions[row["stem"]] = pred
 
-    rows = evaluate.evaluate_scenes(apply_fn, scenes, on_prediction=keep)
+    rows = evaluate.evaluate_scenes(apply_fn, scenes, SETTINGS, on_prediction=keep)
     assert [r["stem"] for r in rows] == ["a", "b", "rgb_only"]
     assert rows[2]["has_ground_truth"] is False and "mrae" not in rows[2]
     for row, (_, _, truth) in zip(rows[:2], scenes[:2], strict=True):
@@ -69,7 +71,7 @@ def test_rows_and_summary_with_a_scene_without_truth():
 
 
 def test_small_frames_give_the_sentinel():
-    rows = evaluate.evaluate_scenes(pointwise_model(), [_scene("small", 40, 50, 0)])
+    rows = evaluate.evaluate_scenes(pointwise_model(), [_scene("small", 40, 50, 0)], SETTINGS)
     assert rows[0]["mrae"] == 999.0 and rows[0]["psnr"] == 0.0
 
 

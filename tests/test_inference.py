@@ -14,6 +14,13 @@ from stand_in_models import BANDS, conv_model, pointwise_model
 from cswin_jax import inference
 from tests import golden_parity
 
+# configs/base.py's config.eval tiling; a test's own keywords override it.
+_TILES = {"tile": 128, "overlap": 16, "batch_size": 4}
+
+
+def _tiled(apply_fn, rgb, **kwargs):
+    return inference.predict_tiled(apply_fn, rgb, **{**_TILES, **kwargs})
+
 
 @pytest.fixture(scope="module")
 def pointwise():
@@ -96,11 +103,11 @@ def test_bad_tiling_arguments(pointwise):
     with pytest.raises(ValueError, match="overlap"):
         inference.tile_starts(200, 64, 64)
     with pytest.raises(ValueError, match="3 channels"):
-        inference.predict_tiled(pointwise, np.zeros((200, 200, 4), np.float32))
+        _tiled(pointwise, np.zeros((200, 200, 4), np.float32))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         inference.predict_whole(pointwise, np.zeros((200, 3), np.float32))
     with pytest.raises(ValueError, match="batch_size"):
-        inference.predict_tiled(pointwise, np.zeros((200, 200, 3), np.float32), batch_size=0)
+        _tiled(pointwise, np.zeros((200, 200, 3), np.float32), batch_size=0)
 
 
 # ----------------------------------------------------------------------------- blending
@@ -112,7 +119,7 @@ def test_pointwise_model_tiled_equals_whole_everywhere(pointwise):
     1e-5 relative: float32 weighted averaging of identical values."""
     rgb = _rgb(150, 200)
     whole = inference.predict_whole(pointwise, rgb)
-    tiled = inference.predict_tiled(pointwise, rgb, tile=64, overlap=16, batch_size=3)
+    tiled = _tiled(pointwise, rgb, tile=64, overlap=16, batch_size=3)
     assert tiled.shape == (150, 200, BANDS) and tiled.dtype == np.float32
     np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-6)
     assert np.all(tiled > 0)
@@ -133,7 +140,7 @@ def test_conv_model_tiled_matches_whole_away_from_seams(conv, height, width, til
     the results agree within 1e-4 (float32 convolution rounding and the 1e-6 ramp floor)."""
     rgb = _rgb(height, width, seed=height)
     whole = inference.predict_whole(conv, rgb)
-    tiled = inference.predict_tiled(conv, rgb, tile=tile, overlap=overlap, batch_size=4)
+    tiled = _tiled(conv, rgb, tile=tile, overlap=overlap, batch_size=4)
     assert tiled.shape == whole.shape == (height, width, BANDS)
     away = ~inference.seam_mask(height, width, tile, overlap, margin=3)
     assert away.mean() > 0.3
@@ -143,28 +150,24 @@ def test_conv_model_tiled_matches_whole_away_from_seams(conv, height, width, til
 
 def test_image_smaller_than_a_tile_runs_whole(conv):
     rgb = _rgb(50, 60)
-    np.testing.assert_array_equal(
-        inference.predict_tiled(conv, rgb, tile=128), inference.predict_whole(conv, rgb)
-    )
+    np.testing.assert_array_equal(_tiled(conv, rgb, tile=128), inference.predict_whole(conv, rgb))
     tiny = _rgb(1, 1)
-    assert inference.predict_tiled(conv, tiny).shape == (1, 1, BANDS)
+    assert _tiled(conv, tiny).shape == (1, 1, BANDS)
 
 
 def test_result_independent_of_tile_batch_size(conv):
     """Padding the last batch must not leak into the result (bit-identical per tile)."""
     rgb = _rgb(150, 170)
-    results = [
-        inference.predict_tiled(conv, rgb, tile=64, overlap=16, batch_size=b) for b in (1, 4, 7)
-    ]
+    results = [_tiled(conv, rgb, tile=64, overlap=16, batch_size=b) for b in (1, 4, 7)]
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], rtol=0, atol=1e-6)
 
 
 def test_batched_input_and_rank(pointwise):
     rgb = np.stack([_rgb(100, 150, seed=s) for s in range(2)])
-    tiled = inference.predict_tiled(pointwise, rgb, tile=64)
+    tiled = _tiled(pointwise, rgb, tile=64)
     assert tiled.shape == (2, 100, 150, BANDS)
-    np.testing.assert_allclose(tiled[1], inference.predict_tiled(pointwise, rgb[1], tile=64))
+    np.testing.assert_allclose(tiled[1], _tiled(pointwise, rgb[1], tile=64))
 
 
 def test_one_compilation_for_all_image_sizes():
@@ -176,8 +179,8 @@ def test_one_compilation_for_all_image_sizes():
         traces.append(rgb.shape)
         return rgb @ matrix
 
-    inference.predict_tiled(apply_fn, _rgb(100, 150), tile=64, batch_size=2)
-    inference.predict_tiled(apply_fn, _rgb(130, 90), tile=64, batch_size=2)
+    _tiled(apply_fn, _rgb(100, 150), tile=64, batch_size=2)
+    _tiled(apply_fn, _rgb(130, 90), tile=64, batch_size=2)
     assert traces == [(2, 64, 64, 3)]
 
 
@@ -191,9 +194,9 @@ def test_model_apply_passes_variables_as_arguments():
 
     first = inference.ModelApply(fn, {"matrix": jnp.ones((3, BANDS))})
     rgb = _rgb(100, 150)
-    out1 = inference.predict_tiled(first, rgb, tile=64)
+    out1 = _tiled(first, rgb, tile=64)
     first.variables = {"matrix": 2 * jnp.ones((3, BANDS))}
-    out2 = inference.predict_tiled(first, rgb, tile=64)
+    out2 = _tiled(first, rgb, tile=64)
     np.testing.assert_allclose(out2, 2 * out1, rtol=1e-6)
     assert len(traces) == 1
 
@@ -209,8 +212,8 @@ def test_ensemble_of_equivariant_model_equals_plain(symmetric_conv):
     np.testing.assert_allclose(
         inference.predict_whole(symmetric_conv, rgb, ensemble=True), plain, rtol=0, atol=1e-5
     )
-    tiled_plain = inference.predict_tiled(symmetric_conv, rgb, tile=32, overlap=8)
-    tiled_ens = inference.predict_tiled(symmetric_conv, rgb, tile=32, overlap=8, ensemble=True)
+    tiled_plain = _tiled(symmetric_conv, rgb, tile=32, overlap=8)
+    tiled_ens = _tiled(symmetric_conv, rgb, tile=32, overlap=8, ensemble=True)
     np.testing.assert_allclose(tiled_ens, tiled_plain, rtol=0, atol=1e-5)
 
 
@@ -282,3 +285,25 @@ def test_tiny_generator_tiles_match_golden(golden_dir, tiny_generator_apply, cas
     assert error <= 1e-4, error
     border = tiled[~compared]
     assert np.isfinite(border).all() and np.all(np.abs(border).max(axis=-1) > 0)
+
+
+def test_tiles_come_from_the_config():
+    """`_TILES` above is configs/base.py's config.eval; a checkpoint's config that predates a
+    key gets the base default, and its own values win."""
+    settings = inference.eval_settings({})
+    assert (settings.tile_size, settings.tile_overlap, settings.tile_batch_size) == (
+        _TILES["tile"],
+        _TILES["overlap"],
+        _TILES["batch_size"],
+    )
+    saved = inference.eval_settings({"eval": {"tile_size": 64, "tiled": True}})
+    assert (saved.tile_size, saved.tile_overlap, saved.tiled) == (64, 16, True)
+    rgb = np.random.default_rng(0).uniform(0, 1, (150, 140, 3)).astype(np.float32)
+    pointwise = pointwise_model()
+    np.testing.assert_array_equal(
+        inference.predict_frame(pointwise, rgb, saved), _tiled(pointwise, rgb, tile=64)
+    )
+    np.testing.assert_array_equal(
+        inference.predict_frame(pointwise, rgb, saved, tiled=False),
+        inference.predict_whole(pointwise, rgb),
+    )
