@@ -192,7 +192,7 @@ _BANNER_RULE = b"*****"
 
 def _drop_alarm_banners(read_fd: int, out_fd: int) -> None:
     """Copies lines from `read_fd` to `out_fd`, leaving out each starred alarm banner (the
-    alarm's log line, a rule, the message, a rule)."""
+    alarm's log line, blank lines, a rule, the message, a rule)."""
     held: list[bytes] = []  # an alarm line and what followed it, until its shape is known
     with os.fdopen(read_fd, "rb") as source:
         for line in source:
@@ -204,7 +204,7 @@ def _drop_alarm_banners(read_fd: int, out_fd: int) -> None:
                 continue
             held.append(line)
             rules = sum(h.startswith(_BANNER_RULE) for h in held)
-            if len(held) == 2 and rules == 0:  # another alarm (constant folding): keep it
+            if rules == 0 and line.strip():  # another alarm (constant folding): keep it
                 os.write(out_fd, b"".join(held))
                 held = []
             elif rules == 2:

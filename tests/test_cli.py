@@ -145,11 +145,12 @@ def test_argparse_programs_filter_library_info_lines_too():
     assert "library warning" in result.stderr
 
 
-_ALARM = (
-    b"E1207 15:00:00.100000 1 slow_operation_alarm.cc:73] \n"
+_ALARM = (  # as jaxlib 0.10 prints it
+    b"E1207 15:17:23.923969    5439 slow_operation_alarm.cc:140] The operation took 3m8.29s\n"
+    b"\n"
     b"********************************\n"
-    b"[Compiling module jit_step] Very slow compile?  If you want to file a bug, run with "
-    b"envvar XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.\n"
+    b"[Compiling module jit_train_step for CPU] Very slow compile? If you want to file a bug, "
+    b"run with envvar XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.\n"
     b"********************************\n"
 )
 _FOLDING = (
@@ -165,6 +166,7 @@ def test_the_slow_compile_banner_is_dropped_and_everything_else_passes(capfd):
         os.write(2, b"before\n")
         os.write(2, _ALARM)
         os.write(2, b"a python line\n")
+        os.write(2, _ALARM.replace(b"\n\n", b"\n"))  # the older form, without the blank line
         os.write(2, _FOLDING)
         os.write(2, b"no newline at the end")
     err = capfd.readouterr().err
