@@ -3,44 +3,46 @@ variables and an Orbax checkpoint.
 
 Naming rule shared by every network in `cswin_jax.models`: a Flax variable path maps to a
 PyTorch state_dict name by joining the path with '.', turning a module-name suffix `_<digits>`
-into `.<digits>` (`encoder1_0` -> `encoder1.0`, `denoising_2` -> `denoising.2`), and renaming the
-leaf: `kernel` -> `weight` (or `weight_orig` under spectral norm), `scale` -> `weight`;
-spectral-norm state leaves `u`/`v` map to `weight_u`/`weight_v`. Layouts: OIHW conv weights
-become HWIO (depthwise `(C,1,kh,kw)` -> `(kh,kw,1,C)`; a transposed conv's `(I,O,kh,kw)` the
-same way, to `(kh,kw,O,I)`), `nn.Linear` `(out,in)` weights become `(in,out)`, and a Flax leaf
-whose shape equals the converted one with singleton axes removed (1x1 convs stored as dense
-`(I,O)` kernels, `(heads,1,1)` temperatures stored as `(heads,)`) is reshaped.
-
-Command line (torch is only needed for `.pth` files):
+into `.<digits>` (`encoder1_0` -> `encoder1.0`), and renaming the leaf: `kernel` -> `weight` (or
+`weight_orig` under spectral norm), `scale` -> `weight`; spectral-norm state `u`/`v` ->
+`weight_u`/`weight_v`. Layouts: OIHW conv weights become HWIO (depthwise `(C,1,kh,kw)` ->
+`(kh,kw,1,C)`; a transposed conv's `(I,O,kh,kw)` the same way), `nn.Linear` `(out,in)` weights
+become `(in,out)`, and a leaf whose shape equals the converted one without singleton axes (1x1
+convs as dense `(I,O)` kernels, `(heads,1,1)` temperatures as `(heads,)`) is reshaped.
 
   python -m cswin_jax.convert --torch CKPT --out DIR [--discriminator D_CKPT]
-      [--config=configs/gan.py --config.model.base_channels=16 ...] [--trust_pickle]
+      [--config=configs/gan.py] [--config.model.norm_groups=4 ...] [--trust_pickle]
 
-reads a trainer checkpoint (`state_dict` with `generator.*` and `discriminator.*`), a bare
-generator state_dict, an official MST++ checkpoint (`{'state_dict': ...}`, names possibly under
-`module.`), or an `.npz` of state_dict names (optionally under a prefix such as `param/`). The
-generator's architecture is recognised from the names (`detect_architecture`): without
---config, configs/base.py (CSWin) or configs/mst_plus_plus.py (MST++) describes it; a --config
-of the other architecture is refused. Both networks are converted for the config's `model` /
-`discriminator` and written as a weights-only Orbax checkpoint
-(`cswin_jax.checkpoint.save_model_checkpoint`) that training (`init_from`) and inference restore
-with `cswin_jax.checkpoint.restore_model_variables`.
+The architecture comes from the checkpoint: the original trainer's `config` when it holds one
+(`ORIGINAL_CONFIG_KEYS`), then the tensors' names and shapes (`infer_architecture`), which win.
+The recipe (--config; default configs/base.py, or configs/mst_plus_plus.py for MST++ weights)
+gives the rest; `--config.<key>` sets what the checkpoint does not record (a bare state_dict
+has no norm_groups or output_activation: a warning names them) and is an error, naming both
+values, where it contradicts the checkpoint. The written weights-only checkpoint stores that
+config, so training (`init_from`), predict and evaluate restore it without flags.
 
 This module is the only place in the project that knows the PyTorch layout.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import pathlib
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 from flax import traverse_util
+from ml_collections.config_flags import config_path
+
+from cswin_jax import cli
 
 _INDEX_SUFFIX = re.compile(r"_(\d+)(?=_|$)")
+_MAX_LISTED = 10  # misfit tensors named in an error; the rest are counted
 
 
 def _torch_segment(segment: str) -> str:
@@ -77,6 +79,15 @@ def _convert_layout(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | N
     return None
 
 
+def _torch_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """A Flax leaf's shape in the PyTorch layout of an `ndim`-d tensor (for error messages)."""
+    if len(shape) == 4:
+        shape = (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+    elif len(shape) == 2:
+        shape = shape[::-1]
+    return tuple(shape) + (1,) * (ndim - len(shape))
+
+
 def torch_to_flax(
     torch_params: Mapping[str, np.ndarray],
     abstract_variables: Mapping[str, Any],
@@ -90,83 +101,67 @@ def torch_to_flax(
       torch_params: state_dict entries as numpy arrays (names as in PyTorch).
       abstract_variables: `{collection: tree}` of arrays or `jax.ShapeDtypeStruct`s, e.g.
         `jax.eval_shape(model.init, ...)`.
-      prefix: only names starting with this prefix are used, with the prefix stripped
-        (`'generator.'`, `'discriminator.'`, `'param/'`).
+      prefix: only names with this prefix are used, stripped ('generator.', 'param/').
       ignore: state_dict names (after the prefix) that carry no Flax variable.
 
-    Returns:
-      `{collection: tree}` of float32 numpy arrays with the structure of `abstract_variables`.
-
-    Raises:
-      ValueError listing every Flax variable without a source, every shape mismatch and every
-      unused PyTorch tensor.
+    Returns `{collection: tree}` of numpy arrays with the structure of `abstract_variables`.
+    Raises a one-line ValueError: how many tensors do not fit and the first ten.
     """
     source = {
         k[len(prefix) :]: np.asarray(v) for k, v in torch_params.items() if k.startswith(prefix)
     }
-    unused = set(source) - set(ignore)
-    missing, bad_shape = [], []
+    order = {name: i for i, name in enumerate(source)}
+    matched, misshaped, missing = set(), [], []
     out: dict[str, Any] = {}
     for collection, tree in abstract_variables.items():
-        flat = traverse_util.flatten_dict(dict(tree))
         converted = {}
-        for path, leaf in flat.items():
-            names = [n for n in torch_name_candidates(path, collection) if n in source]
-            if not names:
-                missing.append(f"{collection}/{'/'.join(path)}")
+        for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
+            candidates = torch_name_candidates(path, collection)
+            name = next((n for n in candidates if n in source), None)
+            shape = tuple(leaf.shape)
+            if name is None:
+                missing.append(f"{candidates[0]} missing {_torch_shape(shape, len(shape))}")
                 continue
-            name = names[0]
-            arr = _convert_layout(source[name], tuple(leaf.shape))
-            if arr is None:
-                bad_shape.append(f"{name}: torch {source[name].shape} vs flax {tuple(leaf.shape)}")
+            arr, twice = _convert_layout(source[name], shape), name in matched
+            matched.add(name)
+            if arr is None or twice:
+                what = f"vs {_torch_shape(shape, source[name].ndim)}" if arr is None else "twice"
+                misshaped.append((order[name], f"{name} {source[name].shape} {what}"))
                 continue
-            if name not in unused:
-                bad_shape.append(f"{name}: used by more than one Flax variable")
-            unused.discard(name)
             converted[path] = np.asarray(arr, dtype=np.dtype(leaf.dtype))
         out[collection] = traverse_util.unflatten_dict(converted)
-    if missing or bad_shape or unused:
-        lines = []
-        if missing:
-            lines.append(f"{len(missing)} Flax variables have no PyTorch tensor: {sorted(missing)}")
-        if bad_shape:
-            lines.append(f"{len(bad_shape)} tensors do not fit: {bad_shape}")
-        if unused:
-            lines.append(f"{len(unused)} PyTorch tensors are unused: {sorted(unused)}")
+    unused = [f"{n} {source[n].shape} unused" for n in source if n not in matched | set(ignore)]
+    problems = [text for _, text in sorted(misshaped)] + missing + unused
+    if problems:
+        more = f", ... ({len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
         raise ValueError(
-            "checkpoint does not match this architecture (check the model config, e.g. "
-            "base_channels / num_heads / split_sizes, or model.mst_plus_plus for MST++):\n  "
-            + "\n  ".join(lines)
+            f"{len(problems)} tensors do not fit ({len(misshaped)} misshaped: checkpoint vs "
+            f"config shape, {len(missing)} missing, {len(unused)} unused): "
+            f"{', '.join(problems[:_MAX_LISTED])}{more}"
         )
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading original checkpoints and the command-line converter
-# ---------------------------------------------------------------------------------------------
+# --- reading original checkpoints ------------------------------------------------------------
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 GENERATOR_PREFIX = "generator."
 DISCRIMINATOR_PREFIX = "discriminator."
 # Keys under which the original trainers (and common PyTorch code) nest the state_dict.
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+CONFIG_ENTRY = "config"  # a trainer checkpoint's config (in an .npz: a JSON string)
 
 
-def _import_torch():
+def _load_torch_file(path: pathlib.Path, *, trust_pickle: bool) -> Any:
     try:
         import torch  # noqa: PLC0415 - optional dependency, imported only for .pth files
     except ImportError as e:
         raise ImportError(
             "reading a PyTorch .pth checkpoint needs torch, which is an optional extra: "
-            "`pip install 'cswin-jax[torch]'` (or `pip install torch`); alternatively save the "
-            "state_dict as .npz in an environment with torch: "
-            "np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})"
+            "`pip install 'cswin-jax[torch]'` (or `pip install torch`); or save it as .npz where "
+            "torch is installed: np.savez(path, config=json.dumps(ckpt['config']), "
+            "**{k: v.numpy() for k, v in state_dict.items()})"
         ) from e
-    return torch
-
-
-def _load_torch_file(path: pathlib.Path, *, trust_pickle: bool) -> Any:
-    torch = _import_torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:
@@ -180,58 +175,46 @@ def _load_torch_file(path: pathlib.Path, *, trust_pickle: bool) -> Any:
         ) from e
 
 
-def _tensor_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, value in obj.items():
-        if hasattr(value, "detach"):  # torch.Tensor
-            value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
-            out[str(name)] = value
-    return out
-
-
-def load_state_dict(
+def load_checkpoint(
     path: str | pathlib.Path, *, npz_prefix: str | None = None, trust_pickle: bool = False
-) -> dict[str, np.ndarray]:
-    """Reads an original checkpoint as `{state_dict name: numpy array}`.
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """Reads an original checkpoint as ({state_dict name: numpy array}, trainer config or None).
 
-    Args:
-      path: a PyTorch file (`.pth`/`.pt`/`.ckpt`/`.bin`, needs torch) holding a bare state_dict
-        or a trainer dict whose `state_dict` (or `model_state_dict`) holds it; or an `.npz`
-        whose keys are state_dict names, optionally all under one prefix.
-      npz_prefix: for `.npz`: use only keys under this prefix, stripped (e.g. 'param/'). None:
-        'param/' when any key has it (the golden files' layout), else every key.
-      trust_pickle: load `.pth` files with `torch.load(weights_only=False)` (runs pickled code;
-        needed for the original trainers' checkpoints, which store numpy RNG states).
-
-    Returns names without a leading DDP `module.` prefix.
+    `path`: `.pth`/`.pt`/`.ckpt`/`.bin` (needs torch; `trust_pickle` loads it with
+    weights_only=False, which the original trainers' checkpoints need for their numpy RNG
+    states) holding a bare state_dict or a trainer dict (`state_dict` or `model_state_dict`,
+    and `config`); or an `.npz` of state_dict names under `npz_prefix` (None: 'param/' when a
+    key has it, the golden files' layout) with an optional `config` entry (a JSON string).
+    Names lose a DDP `module.` prefix.
     """
-    path = pathlib.Path(path)
+    path, trainer_config = pathlib.Path(path), None
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            names = list(archive.files)
+            names = [n for n in archive.files if n != CONFIG_ENTRY]
+            if CONFIG_ENTRY in archive.files:
+                try:
+                    trainer_config = json.loads(str(archive[CONFIG_ENTRY]))
+                except ValueError as e:
+                    raise ValueError(f"{path}: its 'config' entry is not JSON ({e})") from e
             if npz_prefix is None:
                 npz_prefix = "param/" if any(n.startswith("param/") for n in names) else ""
-            state = {
-                n[len(npz_prefix) :]: np.asarray(archive[n])
-                for n in names
-                if n.startswith(npz_prefix)
-            }
+            state = {n[len(npz_prefix) :]: archive[n] for n in names if n.startswith(npz_prefix)}
         if not state:
             raise ValueError(f"{path}: no arrays under prefix {npz_prefix!r}; keys: {names[:20]}")
     elif path.suffix in TORCH_SUFFIXES:
         obj = _load_torch_file(path, trust_pickle=trust_pickle)
         if not isinstance(obj, Mapping):
-            raise ValueError(
-                f"{path}: expected a state_dict or a checkpoint dict, found {type(obj).__name__}"
-            )
-        for key in _NESTED_STATE_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-        state = _tensor_dict(obj)
+            raise ValueError(f"{path}: expected a state_dict or a dict, found {type(obj).__name__}")
+        if isinstance(obj.get(CONFIG_ENTRY), Mapping):
+            trainer_config = dict(obj[CONFIG_ENTRY])
+        obj = next((obj[k] for k in _NESTED_STATE_KEYS if isinstance(obj.get(k), Mapping)), obj)
+        state = {
+            str(k): v.detach().cpu().numpy() if hasattr(v, "detach") else v
+            for k, v in obj.items()
+            if hasattr(v, "detach") or isinstance(v, np.ndarray)
+        }
         if not state:
             raise ValueError(
                 f"{path}: no tensors found; top-level keys: {sorted(map(str, obj))[:20]} "
@@ -239,75 +222,211 @@ def load_state_dict(
             )
     else:
         raise ValueError(
-            f"{path}: unknown checkpoint type {path.suffix!r}; expected .npz or one of "
-            f"{list(TORCH_SUFFIXES)}"
+            f"{path}: unknown checkpoint type {path.suffix!r}; expected .npz or "
+            f"one of {list(TORCH_SUFFIXES)}"
         )
-    if state and all(name.startswith("module.") for name in state):
+    if all(name.startswith("module.") for name in state):
         state = {name[len("module.") :]: value for name, value in state.items()}
-    return state
+    return state, trainer_config
 
 
-def split_generator_discriminator(
-    state: Mapping[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Splits a state_dict into (generator, discriminator or None) state_dicts.
-
-    A trainer checkpoint's combined model has `generator.*` and `discriminator.*` names; any
-    other name is an error. A bare state_dict (no such prefixes) is the generator's.
-    """
+def split_generator_discriminator(state: Mapping[str, np.ndarray]):
+    """Splits a state_dict into (generator, discriminator or None) state_dicts: a trainer
+    checkpoint's `generator.*` and `discriminator.*` names (any other name is an error), or a
+    bare state_dict, the generator's."""
     if not any(n.startswith((GENERATOR_PREFIX, DISCRIMINATOR_PREFIX)) for n in state):
         return dict(state), None
-    gen, disc, other = {}, {}, []
+    parts: dict[str, dict[str, np.ndarray]] = {GENERATOR_PREFIX: {}, DISCRIMINATOR_PREFIX: {}}
     for name, value in state.items():
-        if name.startswith(GENERATOR_PREFIX):
-            gen[name[len(GENERATOR_PREFIX) :]] = value
-        elif name.startswith(DISCRIMINATOR_PREFIX):
-            disc[name[len(DISCRIMINATOR_PREFIX) :]] = value
-        else:
-            other.append(name)
-    if other:
-        raise ValueError(
-            f"checkpoint mixes generator./discriminator. names with {len(other)} others: "
-            f"{sorted(other)[:20]}"
-        )
-    if not gen:
+        prefix = next((p for p in parts if name.startswith(p)), None)
+        if prefix is None:
+            other = sorted(n for n in state if not n.startswith(tuple(parts)))
+            raise ValueError(
+                f"checkpoint mixes generator./discriminator. names with "
+                f"{len(other)} others: {other[:20]}"
+            )
+        parts[prefix][name[len(prefix) :]] = value
+    if not parts[GENERATOR_PREFIX]:
         raise ValueError("checkpoint has discriminator.* tensors but no generator.* tensors")
-    return gen, (disc or None)
+    return parts[GENERATOR_PREFIX], (parts[DISCRIMINATOR_PREFIX] or None)
 
 
 def detect_architecture(state: Mapping[str, Any]) -> str | None:
     """The generator architecture (`config.model.arch`) a generator state_dict comes from:
     'mst_plus_plus' (`conv_in.*`, `body.<k>.*`), 'cswin' (`denoising.*`, `embedding.*`), or
     None when the names fit neither."""
-    names = list(state)
-    if "conv_in.weight" in state and any(n.startswith("body.") for n in names):
+    if "conv_in.weight" in state and any(n.startswith("body.") for n in state):
         return "mst_plus_plus"
-    if any(n.startswith(("denoising.", "embedding.")) for n in names):
+    if any(n.startswith(("denoising.", "embedding.")) for n in state):
         return "cswin"
     return None
 
 
+# --- the architecture a checkpoint records: {config key: (value, evidence)} -------------------
+
+# The original trainers' flat config keys (`checkpoint['config']`) -> this project's keys.
+ORIGINAL_CONFIG_KEYS = {
+    **{k: f"model.{k}" for k in ("in_channels", "out_channels", "base_channels", "split_sizes",
+                                 "norm_groups", "num_heads", "output_activation",
+                                 "activation_delay_iters", "clamp_after_iters")},
+    "generator_clamp_range": "model.clamp_range",
+    **{f"discriminator_{k}": f"discriminator.{k}"
+       for k in ("base_dim", "num_heads", "num_blocks", "mlp_ratio", "dropout")},
+}  # fmt: skip
+# CSWin keys that change the outputs but that a bare state_dict does not record.
+_NOT_IN_WEIGHTS = ("model.norm_groups", "model.output_activation")
+
+
+def _plain(value: Any) -> Any:
+    """JSON / numpy / omegaconf values as plain Python, sequences as tuples (for comparing)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _count(names, prefix: str) -> int:
+    """How many distinct `<prefix><i>.` indices `names` hold ('encoder1.' -> 2)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for n in names if (m := pattern.match(n))})
+
+
+def _take_shape(found, state, key, name, value_of=lambda dims: dims[0]) -> None:
+    if name in state:
+        dims = tuple(np.shape(state[name]))
+        found[key] = (value_of(dims), f"{name} {dims}")
+
+
+def _take_counts(found, state, key, prefixes) -> None:
+    counts = tuple(_count(state, p) for p in prefixes)
+    if counts and all(counts):
+        found[key] = (counts if len(counts) > 1 else counts[0], f"the {prefixes[0]}<i> names")
+
+
+def _infer_cswin(state, found) -> None:
+    _take_shape(found, state, "model.base_channels", "embedding.0.weight")
+    _take_shape(found, state, "model.in_channels", "embedding.0.weight", lambda dims: dims[1])
+    _take_shape(found, state, "model.out_channels", "to_spectral.weight")
+    _take_counts(found, state, "model.blocks_per_stage", ["encoder1."])
+    table = ".0.spatial_attn.attention.relative_position_bias_table_h"  # (2s-1, 2s-1, heads)
+    stages = ("encoder1", "encoder2", "bottleneck")
+    tables = [np.shape(state[s + table]) for s in stages if s + table in state]
+    if len(tables) == 3:
+        evidence = f"its relative-position tables {' '.join(map(str, tables))}"
+        found["model.split_sizes"] = (tuple((t[0] + 1) // 2 for t in tables), evidence)
+        found["model.num_heads"] = (tables[0][2], evidence)
+        found["model.attention_mode"] = ("v2", evidence)
+    elif "encoder1.0.spatial_attn.attention.qkv.weight" in state:
+        found["model.attention_mode"] = ("cswin", "its stripe-attention names")
+
+
+def _infer_mst_plus_plus(state, found) -> None:
+    _take_shape(found, state, "model.mst_plus_plus.n_feat", "conv_in.weight")
+    _take_shape(found, state, "model.in_channels", "conv_in.weight", lambda dims: dims[1])
+    _take_shape(found, state, "model.out_channels", "conv_out.weight")
+    _take_counts(found, state, "model.mst_plus_plus.stage", ["body."])
+    _take_counts(found, state, "model.mst_plus_plus.sst_stage", ["body.0.encoder_layers."])
+    levels = range(_count(state, "body.0.encoder_layers."))
+    blocks = [f"body.0.encoder_layers.{i}.0.blocks." for i in levels]
+    blocks.append("body.0.bottleneck.blocks.")
+    _take_counts(found, state, "model.mst_plus_plus.num_blocks", blocks)
+
+
+def _infer_discriminator(state, found) -> None:
+    _take_shape(found, state, "discriminator.base_dim", "input_proj.conv.weight_orig")
+    stages = [f"encoder_stages.{i}.blocks." for i in range(_count(state, "encoder_stages."))]
+    _take_counts(found, state, "discriminator.num_blocks", stages)
+    for name in state:  # the last block's mlp, the widest, gives the most exact ratio
+        if name.endswith(".attn.temperature"):
+            _take_shape(found, state, "discriminator.num_heads", name)
+        elif name.endswith(".mlp.0.weight_orig"):
+            _take_shape(found, state, "discriminator.mlp_ratio", name, lambda d: d[0] / d[1])
+
+
+def infer_architecture(generator_state, discriminator_state=None) -> dict[str, tuple[Any, str]]:
+    """What the state_dicts' names and shapes fix: `{config key: (value, evidence)}`.
+
+    CSWin: model.base_channels, in/out_channels, blocks_per_stage, split_sizes and num_heads
+    (encoder1's, encoder2's and the bottleneck's relative-position tables), attention_mode;
+    GroupNorm weights do not record their groups. MST++: model.in/out_channels and
+    mst_plus_plus.*. Discriminator: base_dim, num_blocks, num_heads, mlp_ratio.
+    """
+    found: dict[str, tuple[Any, str]] = {}
+    arch = detect_architecture(generator_state)
+    if arch is not None:
+        found["model.arch"] = (arch, "its tensor names")
+        infer = _infer_cswin if arch == "cswin" else _infer_mst_plus_plus
+        infer(generator_state, found)
+    _infer_discriminator(discriminator_state or {}, found)
+    return found
+
+
+def checkpoint_architecture(generator_state, discriminator_state, trainer_config):
+    """`infer_architecture` over the trainer config's `ORIGINAL_CONFIG_KEYS` (read for CSWin
+    weights only: the original trains no other generator)."""
+    found = {}
+    if trainer_config and detect_architecture(generator_state) == "cswin":
+        for theirs, ours in ORIGINAL_CONFIG_KEYS.items():
+            if theirs in trainer_config:
+                value = _plain(trainer_config[theirs])
+                found[ours] = (value, f"its trainer config ({theirs}: {_show(value)})")
+    return found | infer_architecture(generator_state, discriminator_state)
+
+
+def apply_architecture(config, found, overrides: Mapping[str, Any], source: str):
+    """A copy of `config` with the checkpoint's values (`found`), then the user's explicit
+    `overrides` (`{dotted key: value}`); one contradicting `found` is a one-line UserError."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for key, (value, evidence) in found.items():
+            if key in overrides and _plain(overrides[key]) != value:
+                raise cli.UserError(
+                    f"--config.{key}={_show(_plain(overrides[key]))} conflicts with {source}, "
+                    f"which records {key}={_show(value)} ({evidence}); drop the flag"
+                )
+            config_path.set_value(key, config, value)
+        for key, value in overrides.items():
+            config_path.set_value(key, config, value)
+    return config
+
+
+def _fix_hint(found, config, section: str) -> str:
+    """The `section` keys whose `config` values differ from what the tensors give, as a fix."""
+
+    def current(key):
+        try:
+            return _plain(config_path.get_value(key, config))
+        except (KeyError, AttributeError):
+            return None
+
+    mine = {k: v for k, (v, _) in found.items() if k.startswith(section)}
+    wrong = [f"{k}={_show(v)}" for k, v in mine.items() if current(k) != v]
+    if not wrong:
+        return f" (no {section}* setting fits them: another network's weights?)"
+    return f" — the tensors record {', '.join(wrong)}: set those with --config.<key>=..."
+
+
+# --- converting, and the command line ---------------------------------------------------------
+
+
 def default_config(arch: str | None):
-    """The repository's config for `arch`: configs/mst_plus_plus.py for MST++, else
-    configs/base.py (importable from the repository root)."""
+    """configs/mst_plus_plus.py's config for MST++, else configs/base.py's."""
     try:
-        if arch == "mst_plus_plus":
-            from configs import mst_plus_plus as recipe  # noqa: PLC0415
-        else:
-            from configs import base as recipe  # noqa: PLC0415
+        from configs import base, mst_plus_plus  # noqa: PLC0415
     except ImportError as e:
         raise ValueError(
             "no --config given and configs/ is not importable; run from the repository root "
             "or pass --config=path/to/config.py"
         ) from e
-    return recipe.get_config()
+    return (mst_plus_plus if arch == "mst_plus_plus" else base).get_config()
 
 
 def abstract_model_variables(config) -> tuple[Any, Any]:
-    """`jax.eval_shape` variable trees of config's generator and discriminator (nothing computed).
-
-    Returns ({'params': ...} of the generator, {'params', 'spectral_norm'} of the discriminator).
-    """
+    """`jax.eval_shape` variable trees of config's generator and discriminator (nothing computed):
+    ({'params'} of the generator, {'params', 'spectral_norm'} of the discriminator)."""
     import jax  # noqa: PLC0415 - keep `import cswin_jax.convert` light for torch_to_flax users
     import jax.numpy as jnp  # noqa: PLC0415
 
@@ -326,29 +445,26 @@ def abstract_model_variables(config) -> tuple[Any, Any]:
     return gen_vars, disc_vars
 
 
-def convert_state_dicts(
-    generator_state: Mapping[str, np.ndarray],
-    discriminator_state: Mapping[str, np.ndarray] | None,
-    config,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def convert_state_dicts(generator_state, discriminator_state, config):
     """Original state_dicts -> (generator params, discriminator variables or None).
 
-    Raises ValueError listing, per network, every unmatched, misshaped or unused tensor.
+    Raises one line (`cli.UserError`): per misfit network the count, the first ten tensors and
+    the config values the tensors give (`infer_architecture`).
     """
     gen_abstract, disc_abstract = abstract_model_variables(config)
-    errors = []
-    gen_params = disc_vars = None
+    found = infer_architecture(generator_state, discriminator_state)
+    errors, gen_params, disc_vars = [], None, None
     try:
         gen_params = torch_to_flax(generator_state, gen_abstract)["params"]
     except ValueError as e:
-        errors.append(f"generator (config.model): {e}")
+        errors.append(f"generator: {e}{_fix_hint(found, config, 'model.')}")
     if discriminator_state is not None:
         try:
             disc_vars = torch_to_flax(discriminator_state, disc_abstract)
         except ValueError as e:
-            errors.append(f"discriminator (config.discriminator): {e}")
+            errors.append(f"discriminator: {e}{_fix_hint(found, config, 'discriminator.')}")
     if errors:
-        raise ValueError("\n".join(errors))
+        raise cli.UserError("; ".join(errors))
     return gen_params, disc_vars
 
 
@@ -357,56 +473,48 @@ def convert_checkpoint(
     out_dir: str | pathlib.Path,
     config=None,
     *,
+    overrides: Mapping[str, Any] | None = None,
     discriminator_path: str | pathlib.Path | None = None,
     npz_prefix: str | None = None,
     trust_pickle: bool = False,
 ) -> dict[str, int]:
-    """Converts an original checkpoint into a weights-only Orbax checkpoint at `out_dir`.
+    """Converts an original checkpoint (see `load_checkpoint`) into a weights-only Orbax
+    checkpoint at `out_dir` (a new or empty folder), with its config.
 
-    Args:
-      torch_path: the original checkpoint (see `load_state_dict`): a trainer checkpoint with
-        generator and discriminator, or a generator state_dict.
-      out_dir: the new checkpoint folder (must not exist or be empty); restore it with
-        `cswin_jax.checkpoint.restore_model_variables(out_dir)`.
-      config: an ml_collections ConfigDict whose `model` / `discriminator` describe the
-        architecture; it is stored with the weights. None: `default_config` of the
-        architecture the names come from. A config of another architecture than the names'
-        (`detect_architecture`) is refused with one line naming both.
-      discriminator_path: a separate discriminator state_dict (when `torch_path` holds only the
-        generator's).
-
-    Returns the number of converted parameters per network ('generator', 'discriminator').
+    `config` is the recipe for what the checkpoint does not record (None: `default_config` of
+    the architecture the names show; another architecture's is refused in one line naming
+    both); `overrides` (`{dotted key: value}`, the user's `--config.<key>`) go on top, and one
+    that contradicts the checkpoint raises `cli.UserError`. `discriminator_path`: a separate
+    discriminator state_dict. Returns the parameter count per network.
     """
     from cswin_jax import checkpoint, models  # noqa: PLC0415 - pulls in orbax
 
-    out_dir = pathlib.Path(out_dir)
+    out_dir, overrides, source = pathlib.Path(out_dir), dict(overrides or {}), str(torch_path)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output folder {out_dir} is not empty; pick a new --out folder")
-    state = load_state_dict(torch_path, npz_prefix=npz_prefix, trust_pickle=trust_pickle)
+    options = {"npz_prefix": npz_prefix, "trust_pickle": trust_pickle}
+    state, trainer_config = load_checkpoint(torch_path, **options)
     gen_state, disc_state = split_generator_discriminator(state)
     detected = detect_architecture(gen_state)
-    if config is None:
-        config = default_config(detected)
+    config = default_config(detected) if config is None else config
     if detected is not None:
-        mismatch = models.architecture_mismatch(
-            {"arch": detected},
-            config.model,
-            str(torch_path),
-            fix=f"use {models.RECIPES[detected]}, or no --config (recognised from the names)",
-        )
-        if mismatch:
+        fix = f"use {models.RECIPES[detected]}, or no --config (recognised from the names)"
+        if mismatch := models.architecture_mismatch({"arch": detected}, config.model, source, fix):
             raise ValueError(mismatch)
-    if detected == "mst_plus_plus" and discriminator_path is not None:
-        raise ValueError(
-            f"{torch_path} is an MST++ generator (no discriminator); drop --discriminator"
-        )
     if discriminator_path is not None:
-        if disc_state is not None:
-            raise ValueError(
-                f"{torch_path} already holds discriminator.* tensors; drop --discriminator"
-            )
-        disc_state = load_state_dict(
-            discriminator_path, npz_prefix=npz_prefix, trust_pickle=trust_pickle
+        if detected == "mst_plus_plus" or disc_state is not None:
+            holds = "is an MST++ generator" if disc_state is None else "holds discriminator.*"
+            raise ValueError(f"{source} {holds}; drop --discriminator")
+        disc_state, _ = load_checkpoint(discriminator_path, **options)
+    found = checkpoint_architecture(gen_state, disc_state, trainer_config)
+    config = apply_architecture(config, found, overrides, source)
+    logging.info("%s: %s", source, ", ".join(f"{k}={_show(v)}" for k, (v, _) in found.items()))
+    unknown = [k for k in _NOT_IN_WEIGHTS if k not in found and k not in overrides]
+    if detected == "cswin" and unknown:
+        kept = ", ".join(f"{k}={_show(config_path.get_value(k, config))}" for k in unknown)
+        hint = "if the original run used others, pass them as --config.<key>=..."
+        logging.warning(
+            "%s does not record %s; kept %s: %s", source, " or ".join(unknown), kept, hint
         )
     gen_params, disc_vars = convert_state_dicts(gen_state, disc_state, config)
     checkpoint.save_model_checkpoint(
@@ -425,67 +533,60 @@ def _parameter_count(tree: Mapping[str, Any]) -> int:
     return int(sum(np.size(x) for x in traverse_util.flatten_dict(dict(tree)).values()))
 
 
-def _define_flags() -> dict[str, Any]:
-    """The CLI's flags; defined only when run as a program, so importing this module (e.g.
-    next to `cswin_jax.main`, which also defines --config) never clashes."""
+def _define_flags() -> None:
+    """The CLI's flags, defined only when run as a program (`cswin_jax.main` defines --config
+    too). --config defaults to configs/base.py so that `--config.<key>=...` works alone."""
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
-    return {
-        "config": config_flags.DEFINE_config_file(
-            "config",
-            None,
-            "Configuration whose model/discriminator match the checkpoint (default: "
-            "configs/base.py, or configs/mst_plus_plus.py for MST++ weights, recognised from "
-            "the names); override keys with e.g. --config.model.base_channels=16.",
-        ),
-        "torch": flags.DEFINE_string(
-            "torch", None, "Original checkpoint: .pth (needs torch) or .npz.", required=True
-        ),
-        "out": flags.DEFINE_string("out", None, "New Orbax checkpoint folder.", required=True),
-        "discriminator": flags.DEFINE_string(
-            "discriminator", None, "Separate discriminator state_dict (.pth or .npz), optional."
-        ),
-        "npz_prefix": flags.DEFINE_string(
-            "npz_prefix", None, "Only .npz keys under this prefix (default: 'param/' if present)."
-        ),
-        "trust_pickle": flags.DEFINE_bool(
-            "trust_pickle",
-            False,
-            "Load .pth with torch.load(weights_only=False); needed for the original trainers' "
-            "checkpoints (numpy RNG states). Only for files from a trusted source.",
-        ),
-    }
+    base = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
+    default = str(base) if base.is_file() else None
+    help_text = (
+        "Recipe for what the checkpoint does not record (default: configs/base.py, or "
+        "configs/mst_plus_plus.py for MST++); e.g. --config.model.norm_groups=4."
+    )
+    try:  # with the default file, ml_collections parses the overrides here, not in cli.run
+        config_flags.DEFINE_config_file("config", default, help_text)
+    except (KeyError, AttributeError, flags.Error) as e:
+        cli.fail(cli.unknown_override_message(sys.argv, "config", default) or cli.one_line(e))
+    flags.DEFINE_string("torch", None, "Original checkpoint: .pth (needs torch) or .npz.")
+    flags.DEFINE_string("out", None, "New Orbax checkpoint folder.")
+    flags.DEFINE_string("discriminator", None, "Separate discriminator state_dict, optional.")
+    flags.DEFINE_string("npz_prefix", None, "Only .npz keys under this prefix (default: param/).")
+    flags.DEFINE_bool(
+        "trust_pickle",
+        False,
+        "torch.load(weights_only=False): for the original trainers' checkpoints (numpy RNG "
+        "states); trusted files only.",
+    )
+    flags.mark_flags_as_required(["torch", "out"])
 
 
-def main(argv: list[str], flag_values: Mapping[str, Any]) -> None:
-    """`python -m cswin_jax.convert --torch CKPT --out DIR [--config configs/gan.py ...]`."""
-    from absl import app  # noqa: PLC0415
+def main(argv: list[str]) -> None:
+    """`python -m cswin_jax.convert --torch CKPT --out DIR [--config.<key>=... ...]`."""
+    from absl import app, flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = flag_values["out"].value
+    args, config_flag = flags.FLAGS, flags.FLAGS["config"]
     try:
         counts = convert_checkpoint(
-            flag_values["torch"].value,
-            out,
-            flag_values["config"].value,
-            discriminator_path=flag_values["discriminator"].value,
-            npz_prefix=flag_values["npz_prefix"].value,
-            trust_pickle=flag_values["trust_pickle"].value,
+            args.torch,
+            args.out,
+            config_flag.value if config_flag.present else None,  # None: by architecture
+            overrides=config_flags.get_override_values(config_flag) if config_flag.value else {},
+            discriminator_path=args.discriminator,
+            npz_prefix=args.npz_prefix,
+            trust_pickle=args.trust_pickle,
         )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        # A user's mistake (wrong file, config or folder): the message, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {out}")
+        cli.fail(cli.one_line(e))  # a wrong file, flag or folder: the message, no traceback
+    print(f"wrote {args.out}")
     for network, n in counts.items():
         print(f"  {network:<14s} {n:>12,d} parameters")
 
 
 if __name__ == "__main__":
-    import functools
-
-    from cswin_jax import cli
-
-    cli.run(functools.partial(main, flag_values=_define_flags()))
+    _define_flags()
+    cli.run(main)
