@@ -41,6 +41,7 @@ from cswin_jax import cli
 TRAIN_SUBDIR = "train"
 BEST_SUBDIR = "best"
 DAMAGED_SUBDIR = "damaged"  # unreadable training steps, moved aside on resume
+MAX_LISTED = 10  # misfit weights named in an error; the rest are counted
 
 
 def _manager(directory: pathlib.Path, item_names: tuple[str, ...], keep: int, *, read_only=False):
@@ -366,3 +367,40 @@ def restore_model_variables(
     if tree.get("disc_params") is not None:
         disc = {"params": tree["disc_params"], "spectral_norm": tree.get("disc_spectral_norm")}
     return gen, disc, config
+
+
+# --------------------------------------------------------------------------------------------
+# Do loaded weights fit a model? (init_from, inference, the PyTorch converter)
+# --------------------------------------------------------------------------------------------
+
+
+def misfit_message(misshaped: list[str], missing: list[str], unused: list[str]) -> str | None:
+    """'N tensors do not fit (...): the first ten, ... (k more)', or None when all fit."""
+    problems = [*misshaped, *missing, *unused]
+    if not problems:
+        return None
+    more = f", ... ({len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    return (
+        f"{len(problems)} tensors do not fit ({len(misshaped)} misshaped: checkpoint vs config "
+        f"shape, {len(missing)} missing, {len(unused)} unused): "
+        f"{', '.join(problems[:MAX_LISTED])}{more}"
+    )
+
+
+def check_weights_fit(loaded: Any, expected: Any, what: str) -> None:
+    """Raises a one-line `cli.UserError` starting with `what` when the tree `loaded` lacks a
+    weight of `expected` (arrays or ShapeDtypeStructs), has one more, or one of another shape."""
+    from flax import traverse_util  # noqa: PLC0415
+
+    def shapes(tree):
+        flat = traverse_util.flatten_dict(dict(tree)) if tree else {}
+        return {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in flat.items()}
+
+    have, want = shapes(loaded), shapes(expected)
+    message = misfit_message(
+        [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]],
+        [f"{k} missing {want[k]}" for k in want if k not in have],
+        [f"{k} {have[k]} unused" for k in have if k not in want],
+    )
+    if message:
+        raise cli.UserError(f"{what}: {message}")

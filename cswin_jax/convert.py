@@ -42,7 +42,6 @@ from ml_collections.config_flags import config_path
 from cswin_jax import cli
 
 _INDEX_SUFFIX = re.compile(r"_(\d+)(?=_|$)")
-_MAX_LISTED = 10  # misfit tensors named in an error; the rest are counted
 
 
 def _torch_segment(segment: str) -> str:
@@ -131,14 +130,11 @@ def torch_to_flax(
             converted[path] = np.asarray(arr, dtype=np.dtype(leaf.dtype))
         out[collection] = traverse_util.unflatten_dict(converted)
     unused = [f"{n} {source[n].shape} unused" for n in source if n not in matched | set(ignore)]
-    problems = [text for _, text in sorted(misshaped)] + missing + unused
-    if problems:
-        more = f", ... ({len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
-        raise ValueError(
-            f"{len(problems)} tensors do not fit ({len(misshaped)} misshaped: checkpoint vs "
-            f"config shape, {len(missing)} missing, {len(unused)} unused): "
-            f"{', '.join(problems[:_MAX_LISTED])}{more}"
-        )
+    from cswin_jax import checkpoint  # noqa: PLC0415 - orbax only when converting
+
+    message = checkpoint.misfit_message([text for _, text in sorted(misshaped)], missing, unused)
+    if message:
+        raise ValueError(message)
     return out
 
 

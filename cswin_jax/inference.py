@@ -387,37 +387,6 @@ def seam_mask(height: int, width: int, tile: int, overlap: int, margin: int) -> 
     return mask
 
 
-def check_params_match(params: Any, abstract_params: Any, source: str) -> None:
-    """Raises ValueError when `params` does not have the structure and shapes of the model.
-
-    source names the checkpoint in the message (e.g. a checkpoint of another architecture:
-    different base_channels / num_heads / split_sizes).
-    """
-    from flax import traverse_util
-
-    have = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(params)).items()}
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract_params)).items()}
-    missing = sorted("/".join(k) for k in want.keys() - have.keys())
-    unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
-    wrong = sorted(
-        f"{'/'.join(k)}: checkpoint {have[k]} vs model {want[k]}"
-        for k in want.keys() & have.keys()
-        if have[k] != want[k]
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
-            if items:
-                shown = ", ".join(items[:5]) + (
-                    f", ... ({len(items)} in all)" if len(items) > 5 else ""
-                )
-                parts.append(f"{label}: {shown}")
-        raise ValueError(
-            f"{source}: the generator weights do not fit the architecture in the checkpoint's "
-            f"config (another architecture or a mismatched config.model?); " + "; ".join(parts)
-        )
-
-
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -452,7 +421,12 @@ def load_generator(
     abstract = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, 16, 16, config.model.in_channels))
     )
-    check_params_match(params, abstract["params"], str(checkpoint_dir))
+    checkpoint.check_weights_fit(
+        params,
+        abstract["params"],
+        f"{checkpoint_dir}: the generator weights do not fit the architecture in the "
+        "checkpoint's config (another architecture or a mismatched config.model?)",
+    )
     delayed = config.model.get("output_activation") == "delayed_sigmoid"
     if models.architecture(config.model) == "cswin" and delayed and step is None:
         logging.warning(

@@ -522,19 +522,12 @@ def _load_initial_weights(state: TrainState, path: str, state_sharding, model_cf
         raise ValueError(mismatch)
 
     def fit(target, loaded, what):
-        t_struct = jax.tree.structure(target)
-        l_struct = jax.tree.structure(loaded)
-        if t_struct != l_struct:
-            raise ValueError(
-                f"init_from={path}: the {what} weights have another structure than "
-                "this config's model; check config.model / config.discriminator"
-            )
-        for t, l in zip(jax.tree.leaves(target), jax.tree.leaves(loaded), strict=True):
-            if t.shape != np.shape(l):
-                raise ValueError(
-                    f"init_from={path}: {what} weight shape {np.shape(l)} != "
-                    f"{t.shape} expected by this config"
-                )
+        ckpt_lib.check_weights_fit(
+            loaded,
+            target,
+            f"init_from={path}: the {what} weights do not fit this config's "
+            f"config.{'model' if what == 'generator' else 'discriminator'}",
+        )
         return jax.tree.map(lambda t, l: jnp.asarray(l, t.dtype), target, loaded)
 
     gen = fit(state.gen_params, gen_params, "generator")

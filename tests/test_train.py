@@ -597,7 +597,8 @@ def test_init_from_loads_weights_and_checks_shapes(tmp_path):
     assert int(loaded.step) == 0  # weights only: optimizer, step and RNG stay fresh
 
     wrong = state.replace(gen_params={"conv": {"kernel": np.zeros((3, 2), np.float32)}})
-    with pytest.raises(ValueError, match=r"init_from=.*generator weight shape \(2, 3\)"):
+    misfit = r"init_from=.*generator weights do not fit.*: conv/kernel \(2, 3\) vs \(3, 2\)$"
+    with pytest.raises(ValueError, match=misfit):
         loop._load_initial_weights(wrong, str(path), jax.tree.map(lambda _: repl, state), model_cfg)
 
 
