@@ -7,7 +7,7 @@ so every table and validation curve has its reference:
 * Features: the monomials of a pixel's RGB of total degree <= `order`: order 1 is
   [1, r, g, b] (linear + bias, 4 features), order 2 adds the 6 degree-2 monomials (10),
   order 3 the 10 degree-3 ones (20). RGB is what the data readers deliver
-  (`arad.normalize_rgb`, the MST++ per-image min-max), so the floor sees the model's input.
+  (`io.normalize_rgb`, the MST++ per-image min-max), so the floor sees the model's input.
 * Fit: `num_pixels` training pixels drawn without replacement, an equal share per training
   scene (`sample_pixels`, a numpy generator seeded with `seed`: deterministic). Every feature
   but the constant is standardised with its mean and standard deviation over those pixels
@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 
 from cswin_jax import cli, evaluate
-from cswin_jax.data import arad
+from cswin_jax import io as hsi_io
 
 ORDERS = (1, 2, 3)
 ORDER_NAMES = {1: "linear + bias", 2: "quadratic", 3: "cubic"}
@@ -208,7 +208,7 @@ def sample_pixels(scenes: Any, num_pixels: int, seed: int) -> tuple[np.ndarray, 
         finally:
             if close is not None:
                 close()
-        arad.check_finite(spectra, f"{stem} (floor pixels)")
+        hsi_io.check_finite(spectra, f"{stem} (floor pixels)")
         rgb_parts.append(np.asarray(rgb, np.float32)[ys, xs])
         hsi_parts.append(spectra.astype(np.float32))
     return np.concatenate(rgb_parts), np.concatenate(hsi_parts)

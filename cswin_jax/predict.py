@@ -4,7 +4,8 @@ Usage:
   python -m cswin_jax.predict --checkpoint runs/gan --input photos/ --output cubes/ \
       [--format mat|h5|npy] [--preview] [--tiled] [--ensemble]
 
-Inputs: one image or a folder of images (.jpg/.jpeg/.png/.tif/.tiff/.bmp, not recursive).
+Inputs: one image or a folder of images (.jpg/.jpeg/.png/.tif/.tiff/.bmp, not recursive),
+read by `cswin_jax.io.read_rgb`:
   * 8-bit and 16-bit RGB (16-bit PNG/TIFF are read at full precision).
   * RGBA: the alpha channel is dropped (with a warning); the colour channels are used as is.
   * Palette images are expanded to RGB.
@@ -12,7 +13,7 @@ Inputs: one image or a folder of images (.jpg/.jpeg/.png/.tif/.tiff/.bmp, not re
   Every image gets the MST++ normalisation the model was trained with: a per-image min-max
   over all pixels and the three channels jointly (not /255).
 
-Outputs, per image `<stem>`, in --output:
+Outputs, per image `<stem>`, in --output (`cswin_jax.io.write_cube`):
   * `<stem>.mat`: MATLAB v7.3 (HDF5) with dataset `cube` stored (31, W, H) single, i.e. H x W x 31
     in MATLAB, exactly like the ARAD-1K files (read with h5py: `f['cube'][:].T` -> H x W x 31),
     plus `bands` (wavelengths, nm) and `norm_factor` (1).
@@ -35,140 +36,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import h5py
 import numpy as np
 from absl import logging
 from PIL import Image
 
 import cswin_jax
 from cswin_jax import cli
-from cswin_jax.data import arad
+from cswin_jax import io as hsi_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-FORMATS = ("mat", "h5", "npy")
-WAVELENGTHS_NM = np.arange(400, 701, 10)
-
-# Pillow decodes 16-bit-per-channel RGB(A) into 8-bit modes by keeping the high byte; the
-# matching little/big-endian raw mode of the same codec yields the low byte instead.
-_SWAPPED_16BIT = {";16B": ";16L", ";16L": ";16B"}
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _swap_rawmode(rawmode: str) -> str | None:
-    for tag, swapped in _SWAPPED_16BIT.items():
-        if rawmode.endswith(tag):
-            return rawmode[: -len(tag)] + swapped
-    return None
-
-
-def _tile_rawmode(tile) -> str:
-    args = tile.args
-    return args if isinstance(args, str) else str(args[0])
-
-
-def _read_low_bytes(path: pathlib.Path) -> np.ndarray | None:
-    """Low bytes of a 16-bit-per-channel RGB(A) image, or None when it is not one."""
-    with Image.open(path) as image:
-        tiles = list(image.tile)
-        if not tiles:
-            return None
-        swapped_tiles = []
-        for tile in tiles:
-            swapped = _swap_rawmode(_tile_rawmode(tile))
-            if swapped is None:
-                return None
-            args = swapped if isinstance(tile.args, str) else (swapped, *tile.args[1:])
-            swapped_tiles.append(tile._replace(args=args))
-        image.tile = swapped_tiles
-        return np.asarray(image)
-
-
-def read_image(path: str | pathlib.Path) -> np.ndarray:
-    """Decodes an RGB photo without normalising it.
-
-    Returns:
-      [H, W, 3] uint8 or uint16 (16-bit PNG/TIFF at full precision).
-
-    Raises:
-      ValueError: unreadable file, grayscale image, or a mode with no RGB meaning.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-                mode = image.mode
-            if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                raise ValueError(
-                    f"{path}: grayscale image (mode {mode}); the model reconstructs spectra from "
-                    "colour and needs a 3-channel RGB image. Convert it to RGB first if you "
-                    "really want a (colourless) prediction"
-                )
-            if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                image = image.convert("RGB")
-                mode = "RGB"
-            if mode not in ("RGB", "RGBA"):
-                raise ValueError(
-                    f"{path}: unsupported image mode {mode}; save it as 8- or 16-bit RGB"
-                )
-            pixels = np.asarray(image)
-    except (OSError, SyntaxError) as err:  # Pillow's errors for unreadable / truncated files
-        raise ValueError(
-            f"{path}: unreadable image ({err}); re-export it as JPEG, PNG or TIFF"
-        ) from err
-    low = _read_low_bytes(path)
-    if low is not None and low.shape == pixels.shape:
-        pixels = (pixels.astype(np.uint16) << 8) | low.astype(np.uint16)
-    if pixels.shape[-1] == 4:
-        alpha = pixels[..., 3]
-        if alpha.min() < np.iinfo(alpha.dtype).max:  # some transparency is lost
-            logging.warning("%s: RGBA image; the alpha channel is ignored", path)
-        pixels = pixels[..., :3]
-    if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ValueError(f"{path}: decoded to shape {pixels.shape}, expected [H, W, 3]")
-    if min(pixels.shape[:2]) < 2:
-        raise ValueError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}; need >= 2x2")
-    return pixels
-
-
-def read_rgb(path: str | pathlib.Path) -> np.ndarray:
-    """Reads a photo and applies the MST++ normalisation. Returns [H, W, 3] float32 in [0, 1]."""
-    return arad.normalize_rgb(read_image(path))
-
-
-def read_cube(path: str | pathlib.Path) -> np.ndarray:
-    """Reads a cube written by `write_cube` or an ARAD-1K file. Returns [H, W, 31] float32."""
-    return arad.read_cube(path)
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def write_cube(path: str | pathlib.Path, cube: np.ndarray) -> pathlib.Path:
-    """Writes `cube` [H, W, 31] in the format given by the file suffix (.mat / .h5 / .npy)."""
-    from cswin_jax.data import synthetic
-
-    path = pathlib.Path(path)
-    cube = np.ascontiguousarray(cube, dtype=np.float32)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt == "mat":
-        synthetic.write_mat73(path, cube)
-    elif fmt == "h5":
-        with h5py.File(path, "w") as f:
-            f.create_dataset("cube", data=cube, compression="gzip", compression_opts=4)
-            f["cube"].attrs["layout"] = "HWC"
-            f["cube"].attrs["wavelengths_nm"] = WAVELENGTHS_NM[: cube.shape[-1]]
-    elif fmt == "npy":
-        np.save(path, cube)
-    else:
-        raise ValueError(f"{path}: unknown cube format {fmt!r}; use one of {FORMATS}")
-    return path
 
 
 def write_preview(path: str | pathlib.Path, cube: np.ndarray) -> pathlib.Path:
@@ -238,13 +117,13 @@ def run(
     from cswin_jax import inference
 
     settings = inference.eval_settings({}) if settings is None else settings
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in hsi_io.CUBE_FORMATS:
+        raise ValueError(f"--format must be one of {hsi_io.CUBE_FORMATS}, got {fmt!r}")
     written, failed = [], {}
     for index, path in enumerate(inputs):
         start = time.perf_counter()
         try:
-            rgb = read_rgb(path)
+            rgb = hsi_io.read_rgb(path)
         except (ValueError, FileNotFoundError) as err:
             if len(inputs) == 1:
                 raise
@@ -255,7 +134,7 @@ def run(
         cube = inference.predict_frame(apply_fn, rgb, settings, tiled=use_tiles, ensemble=ensemble)
         if clamp:
             cube = np.clip(cube, 0.0, 1.0)
-        written.append(write_cube(output_dir / f"{path.stem}.{fmt}", cube))
+        written.append(hsi_io.write_cube(output_dir / f"{path.stem}.{fmt}", cube))
         if preview:
             written.append(write_preview(output_dir / f"{path.stem}_preview.png", cube))
         logging.info(
@@ -286,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, help="an RGB image or a folder of images")
     parser.add_argument("--output", required=True, help="folder for the cubes (created if missing)")
-    parser.add_argument("--format", choices=FORMATS, default="mat", help="cube file format")
+    parser.add_argument(
+        "--format", choices=hsi_io.CUBE_FORMATS, default="mat", help="cube file format"
+    )
     parser.add_argument("--preview", action="store_true", help="also write an sRGB preview PNG")
     parser.add_argument(
         "--tiled",

@@ -33,9 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cswin_jax import cli
+from cswin_jax import io as hsi_io
 
-NUM_BANDS = 31
-WAVELENGTHS_NM = np.arange(400, 701, 10)
 _EPS = 1e-8  # the original's MRAE / SAM epsilon
 
 
@@ -54,8 +53,10 @@ def _xyz_matrix() -> np.ndarray:
 def hsi_to_xyz(hsi: np.ndarray) -> np.ndarray:
     """hsi: [..., 31] reflectance-like -> [..., 3] CIE XYZ (D65, white Y = 1)."""
     hsi = np.asarray(hsi, np.float64)
-    if hsi.shape[-1] != NUM_BANDS:
-        raise ValueError(f"expected {NUM_BANDS} bands (400-700 nm, 10 nm) last, got {hsi.shape}")
+    if hsi.shape[-1] != hsi_io.NUM_BANDS:
+        raise ValueError(
+            f"expected {hsi_io.NUM_BANDS} bands (400-700 nm, 10 nm) last, got {hsi.shape}"
+        )
     return hsi @ _xyz_matrix()
 
 
@@ -265,9 +266,9 @@ def plot_spectra(
             label += " median" if i == len(pixels) - 1 else " worst"
         if errors is not None:
             label += f" MRAE {errors[y, x]:.3f}"
-            ax_spec.plot(WAVELENGTHS_NM, hsi_true[y, x], "-", color=colour_name, label=label)
+            ax_spec.plot(hsi_io.WAVELENGTHS_NM, hsi_true[y, x], "-", color=colour_name, label=label)
             label = None
-        ax_spec.plot(WAVELENGTHS_NM, hsi_pred[y, x], "--", color=colour_name, label=label)
+        ax_spec.plot(hsi_io.WAVELENGTHS_NM, hsi_pred[y, x], "--", color=colour_name, label=label)
     ax_spec.set_xlabel("wavelength (nm)")
     ax_spec.set_ylabel("reflectance")
     ax_spec.set_xlim(400, 700)
@@ -287,10 +288,10 @@ def plot_band_errors(
     errors = band_errors(hsi_pred, hsi_true)
     fig = Figure(layout="constrained", figsize=(10, 3.8))
     ax_mrae, ax_rmse = fig.subplots(1, 2)
-    ax_mrae.bar(WAVELENGTHS_NM, errors["mrae"], width=8, color="C3")
+    ax_mrae.bar(hsi_io.WAVELENGTHS_NM, errors["mrae"], width=8, color="C3")
     ax_mrae.set_title("MRAE per band", fontsize=10)
-    ax_rmse.bar(WAVELENGTHS_NM, errors["rmse"], width=8, color="C0", label="RMSE")
-    ax_rmse.plot(WAVELENGTHS_NM, errors["bias"], "k.-", label="mean signed error")
+    ax_rmse.bar(hsi_io.WAVELENGTHS_NM, errors["rmse"], width=8, color="C0", label="RMSE")
+    ax_rmse.plot(hsi_io.WAVELENGTHS_NM, errors["bias"], "k.-", label="mean signed error")
     ax_rmse.axhline(0.0, color="grey", linewidth=0.6)
     ax_rmse.set_title("RMSE and bias per band", fontsize=10)
     ax_rmse.legend(fontsize=8)
@@ -521,14 +522,12 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
         parser.error(
             "give --pred (a cube), --metrics_csv (evaluate's output) and/or --curve (a workdir)"
         )
-    from cswin_jax import predict
-
     out_dir = pathlib.Path(args.output)
     written = []
     if args.pred:
-        hsi_pred = predict.read_cube(args.pred)
-        hsi_true = predict.read_cube(args.gt) if args.gt else None
-        rgb = predict.read_rgb(args.rgb) if args.rgb else None
+        hsi_pred = hsi_io.read_cube(args.pred)
+        hsi_true = hsi_io.read_cube(args.gt) if args.gt else None
+        rgb = hsi_io.read_rgb(args.rgb) if args.rgb else None
         stem = pathlib.Path(args.pred).stem
         written += write_scene_figures(out_dir, stem, hsi_pred, hsi_true, rgb, pixels=args.pixels)
     if args.metrics_csv:

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cswin_jax import io as hsi_io
 from cswin_jax.data import arad, synthetic
 
 
@@ -34,7 +35,7 @@ def test_spectral_library_is_measured_and_on_the_31_band_grid():
     assert set(library["cameras"]) == {"nikon5100", "sigma", "canon5d2"}
     for sensitivity in library["cameras"].values():
         assert sensitivity.shape == (31, 3) and sensitivity.min() >= 0
-        peaks = synthetic.WAVELENGTHS[np.argmax(sensitivity, axis=0)]
+        peaks = hsi_io.WAVELENGTHS_NM[np.argmax(sensitivity, axis=0)]
         assert peaks[0] > peaks[1] > peaks[2]  # R peaks at longer wavelengths than G than B
 
 
@@ -71,14 +72,14 @@ def test_physically_bounded(dataset):
     )
     assert dark_floor > 5e-5  # without the ambient fill, LED scenes reached 2e-5
     for i in range(len(scenes)):
-        hsi = arad.read_cube(scenes.scenes[i].cube_path)
+        hsi = hsi_io.read_cube(scenes.scenes[i].cube_path)
         assert np.isfinite(hsi).all()
         assert hsi.max() == pytest.approx(1.0, rel=1e-6)  # normalised by its maximum, as ARAD
         # No band is black, whatever the lamp (LED and sodium lamps have next to no blue):
         # every pixel gets at least the interface reflection x the weakest ambient skylight
         # (half occluded) in the dimmest daylight band, over the brightest possible radiance.
         assert hsi.min() >= dark_floor
-        rgb_u8 = arad.read_rgb_uint8(scenes.scenes[i].rgb_path)
+        rgb_u8 = hsi_io.read_image(scenes.scenes[i].rgb_path, eight_bit=True)
         # Exposure to mean 0.18 x [0.6, 1.4], then noise, clipping and JPEG: loose bounds.
         assert 0.05 * 255 < rgb_u8.mean() < 0.4 * 255
         # The RGB is a noisy linear projection of the cube: least squares 31 -> 3 (+ bias)
@@ -90,7 +91,7 @@ def test_physically_bounded(dataset):
 
 
 def test_scenes_are_spatially_smooth_not_white_noise(dataset):
-    hsi = arad.read_cube(dataset / "Train_Spec" / "SYNTH_0002.mat", rgb_hw=(40, 48))
+    hsi = hsi_io.read_cube(dataset / "Train_Spec" / "SYNTH_0002.mat", rgb_hw=(40, 48))
     band = hsi[..., 15]
     neighbour_corr = np.corrcoef(band[:, :-1].ravel(), band[:, 1:].ravel())[0, 1]
     assert neighbour_corr > 0.8  # white noise would give ~0
@@ -102,16 +103,16 @@ def test_scenes_are_spatially_smooth_not_white_noise(dataset):
 def test_reproducible_per_seed(dataset, tmp_path):
     synthetic.write_dataset(tmp_path, num_train=3, num_valid=0, height=40, width=48, seed=11)
     for stem in ("SYNTH_0001", "SYNTH_0003"):
-        a = arad.read_cube(dataset / "Train_Spec" / f"{stem}.mat")
-        b = arad.read_cube(tmp_path / "Train_Spec" / f"{stem}.mat")
+        a = hsi_io.read_cube(dataset / "Train_Spec" / f"{stem}.mat")
+        b = hsi_io.read_cube(tmp_path / "Train_Spec" / f"{stem}.mat")
         np.testing.assert_array_equal(a, b)
         jpeg = f"Train_RGB/{stem}.jpg"
         assert (dataset / jpeg).read_bytes() == (tmp_path / jpeg).read_bytes()
     other = tmp_path / "other"
     synthetic.write_dataset(other, num_train=1, num_valid=0, height=40, width=48, seed=12)
     assert not np.array_equal(
-        arad.read_cube(other / "Train_Spec" / "SYNTH_0001.mat"),
-        arad.read_cube(dataset / "Train_Spec" / "SYNTH_0001.mat"),
+        hsi_io.read_cube(other / "Train_Spec" / "SYNTH_0001.mat"),
+        hsi_io.read_cube(dataset / "Train_Spec" / "SYNTH_0001.mat"),
     )
 
 

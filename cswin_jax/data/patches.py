@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from cswin_jax.data import arad
+from cswin_jax import io as hsi_io
 
 MEMORY_MODES = ("standard", "float16", "lazy")
 
@@ -243,7 +243,7 @@ class LazyStore:
         opened = self._open(scene)
         hsi = opened.read_hsi_window(top, left, size, size)
         # Eager modes check whole cubes at load; here each window is checked as it is read.
-        arad.check_cube(
+        hsi_io.check_cube(
             hsi,
             f"{self.scenes.stems[scene]} (lazy window at {top},{left})",
             getattr(self.scenes, "limits", None),

@@ -38,24 +38,18 @@ import json
 import pathlib
 import time
 
-import h5py
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from cswin_jax import cli
+from cswin_jax import io as hsi_io
 
-WAVELENGTHS = np.arange(400, 701, 10)
-NUM_BANDS = len(WAVELENGTHS)
 REFLECTANCE_FLOOR = 0.01
 INTERFACE_REFLECTION = (0.02, 0.05)  # flat first-surface reflectance, per scene
 AMBIENT_FILL = (0.04, 0.12)  # skylight fill relative to the direct light's peak, per scene
 TRAIN_PREFIX = "SYNTH"
 COMPLETE_MARKER = "synthetic.json"
-_MAT73_HEADER = (
-    "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Thu Jan  1 00:00:00 2026 "
-    "HDF5 schema 1.00 ."
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +119,7 @@ def spectral_library() -> dict:
     )
     canon = np.loadtxt(canon_csv, delimiter=",", skiprows=1)
     cameras["canon5d2"] = np.stack(
-        [np.interp(WAVELENGTHS, canon[:, 0], canon[:, c]) for c in (1, 2, 3)], axis=1
+        [np.interp(hsi_io.WAVELENGTHS_NM, canon[:, 0], canon[:, c]) for c in (1, 2, 3)], axis=1
     )
     cameras = {name: np.clip(s, 0.0, None) / s.max() for name, s in cameras.items()}
     return {"reflectances": reflectances, "illuminants": illuminants, "cameras": cameras}
@@ -264,14 +258,14 @@ def make_scene(height: int, width: int, rng: np.random.Generator) -> dict:
     ambient = np.float32(rng.uniform(*AMBIENT_FILL)) * occlusion.reshape(-1, 1)
     radiance = reflectance * (shading * light + ambient * sky)
     norm_factor = float(radiance.max())
-    cube = (radiance / norm_factor).astype(np.float32).reshape(height, width, NUM_BANDS)
+    cube = (radiance / norm_factor).astype(np.float32).reshape(height, width, hsi_io.NUM_BANDS)
 
     # Camera: sensitivities -> per-channel gains (grey-world on an equal-energy white) ->
     # exposure -> shot + read noise -> 8 bit (NTIRE 2022 recipe).
     camera_name = rng.choice(sorted(library["cameras"]))
     sensitivity = library["cameras"][camera_name].astype(np.float32)
     sensitivity = sensitivity * (sensitivity[:, 1].sum() / sensitivity.sum(axis=0))
-    linear = cube.reshape(-1, NUM_BANDS) @ sensitivity
+    linear = cube.reshape(-1, hsi_io.NUM_BANDS) @ sensitivity
     exposure = 0.18 / max(float(linear.mean()), 1e-8) * rng.uniform(0.6, 1.4)
     electrons_at_white = rng.uniform(400, 1500)
     signal = np.clip(linear * (exposure * electrons_at_white), 0, None)
@@ -285,26 +279,6 @@ def make_scene(height: int, width: int, rng: np.random.Generator) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------
-
-
-def write_mat73(path: str | pathlib.Path, cube: np.ndarray, norm_factor: float = 1.0) -> None:
-    """Writes an H x W x C cube as a MATLAB v7.3 file (HDF5 with the MATLAB userblock).
-
-    cube: [H, W, C] float32. On disk `cube` is (C, W, H) single, as MATLAB writes it.
-    """
-    path = pathlib.Path(path)
-    with h5py.File(path, "w", userblock_size=512) as f:
-        stored = f.create_dataset("cube", data=np.ascontiguousarray(cube.T, dtype=np.float32))
-        stored.attrs["MATLAB_class"] = np.bytes_("single")
-        bands = f.create_dataset(
-            "bands", data=WAVELENGTHS[: cube.shape[-1]].astype(np.float64)[:, None]
-        )
-        bands.attrs["MATLAB_class"] = np.bytes_("double")
-        factor = f.create_dataset("norm_factor", data=np.array([[norm_factor]], np.float64))
-        factor.attrs["MATLAB_class"] = np.bytes_("double")
-    header = _MAT73_HEADER.ljust(116).encode("ascii") + b"\x00" * 8 + b"\x00\x02" + b"IM"
-    with open(path, "r+b") as f:
-        f.write(header.ljust(512, b"\x00"))
 
 
 def write_dataset(
@@ -332,7 +306,7 @@ def write_dataset(
     for number, stem in enumerate(stems, start=1):
         rng = np.random.Generator(np.random.Philox(key=[seed, number]))
         scene = make_scene(height, width, rng)
-        write_mat73(out / "Train_Spec" / f"{stem}.mat", scene["cube"], scene["norm_factor"])
+        hsi_io.write_mat73(out / "Train_Spec" / f"{stem}.mat", scene["cube"], scene["norm_factor"])
         quality = int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
         Image.fromarray(scene["rgb"]).save(out / "Train_RGB" / f"{stem}.jpg", quality=quality)
         scenes_meta[stem] = dict(scene["meta"], jpeg_quality=quality)

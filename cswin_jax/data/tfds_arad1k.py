@@ -1,8 +1,8 @@
 """TFDS builder `arad1k`: the ARAD-1K / MST++ layout as array_record files, without TensorFlow.
 
 Manual download: point `manual_dir` at a folder in the MST++ layout (ARAD-1K, or the
-synthetic set). `prepare()` reads it with `cswin_jax.data.arad` (same checks, same orientation
-fix) and writes `train` / `valid` splits of
+synthetic set). `prepare()` reads it with `cswin_jax.data.arad` and `cswin_jax.io` (same
+checks, same orientation fix) and writes `train` / `valid` splits of
 
     {'stem': str, 'rgb': [H, W, 3] uint8 (the JPEG as decoded), 'hsi': [H, W, 31] float32 (zlib)}
 
@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cswin_jax import io as hsi_io
 from cswin_jax.data import arad
 
 NAME = "arad1k"
@@ -44,7 +45,7 @@ class Arad1k(tfds.core.GeneratorBasedBuilder):
     def code_path(cls):
         return None
 
-    def __init__(self, *, excluded_scenes=("ARAD_1K_0314",), num_bands=arad.NUM_BANDS, **kwargs):
+    def __init__(self, *, excluded_scenes=("ARAD_1K_0314",), num_bands=hsi_io.NUM_BANDS, **kwargs):
         self._excluded_scenes = tuple(excluded_scenes)
         self._num_bands = num_bands
         super().__init__(**kwargs)
@@ -83,8 +84,8 @@ class Arad1k(tfds.core.GeneratorBasedBuilder):
         # Check every file (and its size against the RGB) before writing anything.
         arad.FileScenes(scene_files, num_bands=self._num_bands)
         for scene in scene_files:
-            rgb = arad.read_rgb_uint8(scene.rgb_path)
-            hsi = arad.read_cube(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self._num_bands)
+            rgb = hsi_io.read_image(scene.rgb_path, eight_bit=True)
+            hsi = hsi_io.read_cube(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self._num_bands)
             yield scene.stem, {"stem": scene.stem, "rgb": rgb, "hsi": hsi}
 
 
@@ -102,7 +103,7 @@ def prepare(
     tfds_dir: str | pathlib.Path | None = None,
     *,
     excluded_scenes=("ARAD_1K_0314",),
-    num_bands: int = arad.NUM_BANDS,
+    num_bands: int = hsi_io.NUM_BANDS,
 ) -> pathlib.Path:
     """Builds `arad1k` from the layout at `data_dir` into `tfds_dir` (default <data_dir>/tfds).
 
@@ -137,8 +138,8 @@ class TfdsScenes:
         split: str,
         *,
         excluded_scenes=(),
-        num_bands: int = arad.NUM_BANDS,
-        limits: arad.CubeLimits | None = None,
+        num_bands: int = hsi_io.NUM_BANDS,
+        limits: hsi_io.CubeLimits | None = None,
     ):
         self.limits = limits
         tfds_dir = pathlib.Path(tfds_dir)
@@ -188,8 +189,8 @@ class TfdsScenes:
         """(rgb [H, W, 3] float32 in [0, 1], hsi [H, W, bands] float32)."""
         record = self.source[self.indices[index]]
         hsi = np.asarray(record["hsi"], dtype=np.float32)
-        arad.check_cube(hsi, f"{NAME}:{self.stems[index]}", self.limits)
-        return arad.normalize_rgb(record["rgb"]), hsi
+        hsi_io.check_cube(hsi, f"{NAME}:{self.stems[index]}", self.limits)
+        return hsi_io.normalize_rgb(record["rgb"]), hsi
 
     def open(self, index: int) -> arad.OpenScene:
         """A decoded record for the lazy cache (array_record reads whole records)."""
