@@ -13,7 +13,8 @@ from stand_in_models import BANDS, write_tiny_checkpoint
 
 from configs import base
 from cswin_jax import evaluate, floor, loop, metric_writers, metrics, sharding, viz
-from cswin_jax.data import arad, pipeline, synthetic
+from cswin_jax import io as hsi_io
+from cswin_jax.data import pipeline, synthetic
 
 
 def _random_map(order, seed=0):
@@ -315,9 +316,9 @@ def test_cli_user_mistakes_are_one_line(tmp_path, data_root, capsys, argv, messa
 
 
 def test_scene_files_are_normalised_like_the_reader(data_root):
-    """The floor's RGB is `arad.normalize_rgb` of the decoded image (the MST++ min-max)."""
+    """The floor's RGB is `io.normalize_rgb` of the decoded image (the MST++ min-max)."""
     scenes = pipeline.open_scenes(_config(data_root), data_root, "train")
     stem_path = pathlib.Path(scenes.scenes[0].rgb_path)
-    expected = arad.normalize_rgb(arad.read_rgb_uint8(stem_path))
+    expected = hsi_io.read_rgb(stem_path, eight_bit=True)
     rgb, _ = floor.sample_pixels(scenes, 260 * 264 * 2, seed=0)
     np.testing.assert_array_equal(rgb[: 260 * 264], expected.reshape(-1, 3))
