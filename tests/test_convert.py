@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 
 from configs import base
-from cswin_jax import checkpoint, cli, convert
+from cswin_jax import checkpoint, cli, convert, torch_architecture
 from cswin_jax.models import discriminator as disc_lib
 from cswin_jax.models import generator as gen_lib
 from tests import golden_parity
@@ -134,7 +134,7 @@ def test_architecture_from_shapes(golden_dir):
     weights do not record their groups) is not guessed."""
     gen = _state_dict(golden_dir / "generator_tiny.npz")
     disc = _state_dict(golden_dir / "discriminator_tiny.npz")
-    found = {k: v for k, (v, _) in convert.infer_architecture(gen, disc).items()}
+    found = {k: v for k, (v, _) in torch_architecture.infer_architecture(gen, disc).items()}
     assert found == {
         "model.arch": "cswin",
         "model.base_channels": 16,
@@ -150,7 +150,7 @@ def test_architecture_from_shapes(golden_dir):
         "discriminator.mlp_ratio": 2.0,
     }
     mst = _state_dict(golden_dir / "mst_plus_plus.npz")
-    found = {k: v for k, (v, _) in convert.infer_architecture(mst).items()}
+    found = {k: v for k, (v, _) in torch_architecture.infer_architecture(mst).items()}
     assert found == {
         "model.arch": "mst_plus_plus",
         "model.mst_plus_plus.n_feat": 31,
@@ -161,7 +161,7 @@ def test_architecture_from_shapes(golden_dir):
         "model.mst_plus_plus.num_blocks": (1, 1, 1),
     }
     two_stages = {k: v for k, v in mst.items() if not k.startswith("body.2.")}
-    assert convert.infer_architecture(two_stages)["model.mst_plus_plus.stage"][0] == 2
+    assert torch_architecture.infer_architecture(two_stages)["model.mst_plus_plus.stage"][0] == 2
 
 
 def _run_cli(*args):
@@ -360,7 +360,7 @@ def test_mst_plus_plus_npz_converts_by_its_names(golden_dir, tmp_path):
     from cswin_jax import inference
 
     golden = golden_dir / "mst_plus_plus.npz"
-    assert convert.detect_architecture(_state_dict(golden)) == "mst_plus_plus"
+    assert torch_architecture.detect_architecture(_state_dict(golden)) == "mst_plus_plus"
     counts = convert.convert_checkpoint(golden, tmp_path / "ck")
     assert counts == {"generator": MST_PARAMS}
     apply_fn, config_dict = inference.load_generator(str(tmp_path / "ck"))
