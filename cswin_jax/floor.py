@@ -17,8 +17,8 @@ so every table and validation curve has its reference:
   squares (`fit_mrae`): a stronger reference where scenes differ in scale, since least
   squares is pulled by the brightest scenes while MRAE punishes overshooting dark ones.
 * Score: each scene of the scored split is predicted on its full frame and scored by
-  `evaluate.score_scene` (the centre-crop protocol of `metrics.center_crop_metrics`, raw and
-  optionally clamped to [0, 1]); mean and std over scenes by `evaluate.summarize`.
+  `scoring.score_scene` (the centre-crop protocol of `metrics.center_crop_metrics`, raw and
+  optionally clamped to [0, 1]); mean and std over scenes by `scoring.summarize`.
 
 It shows up in `python -m cswin_jax.evaluate` (rows beside the model's, `--floor`), at the
 start of training (`floor/order<k>/<metric>` TensorBoard scalars at step 0, config
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cswin_jax import cli, evaluate
+from cswin_jax import cli, scoring
 from cswin_jax import io as hsi_io
 
 ORDERS = (1, 2, 3)
@@ -219,10 +219,10 @@ def score(
 ) -> dict[int, list[dict[str, Any]]]:
     """Per-scene rows of each floor on `scenes`, keyed by order.
 
-    scenes: as `evaluate.evaluate_scenes` takes them; each scene is loaded once. Rows are
-    `evaluate.evaluate_scenes` rows (stem, has_ground_truth, the metrics, seconds).
+    scenes: as `scoring.evaluate_scenes` takes them; each scene is loaded once. Rows are
+    `scoring.evaluate_scenes` rows (stem, has_ground_truth, the metrics, seconds).
     """
-    count, stems, load = evaluate.scene_loader(scenes)
+    count, stems, load = scoring.scene_loader(scenes)
     rows: dict[int, list[dict[str, Any]]] = {f.order: [] for f in floors}
     for i in range(count):
         rgb, hsi_true = load(i)
@@ -231,7 +231,7 @@ def score(
             hsi_pred = floor.predict(rgb)
             row: dict[str, Any] = {"stem": stems[i], "has_ground_truth": hsi_true is not None}
             if hsi_true is not None:
-                row.update(evaluate.score_scene(hsi_pred, hsi_true, clamp_predictions))
+                row.update(scoring.score_scene(hsi_pred, hsi_true, clamp_predictions))
             row["seconds"] = time.perf_counter() - start
             rows[floor.order].append(row)
     return rows
@@ -252,7 +252,7 @@ def evaluate_floor(
 
     Returns a JSON-ready summary: num_pixels, num_train_scenes, seed, objective, seconds (fit
     and score together), and `orders`: per order {order, name, num_coefficients, mean, std,
-    num_scored} (mean/std of the metrics as `evaluate.summarize` gives them).
+    num_scored} (mean/std of the metrics as `scoring.summarize` gives them).
     """
     start = time.perf_counter()
     orders = sorted({int(k) for k in orders})
@@ -263,7 +263,7 @@ def evaluate_floor(
     rows = score(floors, scenes, clamp_predictions=clamp_predictions)
     results = []
     for floor in floors:
-        summary = evaluate.summarize(rows[floor.order])
+        summary = scoring.summarize(rows[floor.order])
         results.append(
             {
                 "order": floor.order,

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import cli, evaluate, inference, metrics, models, sharding
+from cswin_jax import cli, inference, metrics, models, scoring, sharding
 from cswin_jax.data import pipeline
 from cswin_jax.train import (
     StepKind,
@@ -360,14 +360,14 @@ def train_and_evaluate(
                         )
                 if step % config.iterations_per_epoch == 0 or step == n_steps:
                     val_start = time.time()
-                    rows = evaluate.evaluate_scenes(
+                    rows = scoring.evaluate_scenes(
                         inference.ModelApply(predict_fn, {"params": state.ema_params}),
                         valid_scenes,
                         config.eval,
                         clamp_predictions=config.eval.clamp_predictions,
                         progress=False,
                     )
-                    val = evaluate.summarize(rows)["mean"]
+                    val = scoring.summarize(rows)["mean"]
                     if not val:
                         raise ValueError("the validation split has no scene with ground truth")
                     writer.scalars(step, {f"val/{k}": v for k, v in val.items()})

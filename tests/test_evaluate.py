@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from stand_in_models import BANDS, pointwise_model, write_tiny_checkpoint
 
-from cswin_jax import evaluate, inference, metrics
+from cswin_jax import evaluate, inference, metrics, scoring
 
 SETTINGS = inference.eval_settings({})  # configs/base.py's config.eval: whole frames
 
@@ -31,9 +31,9 @@ def test_scored_window_is_the_protocol_window():
     outside = np.ones((482, 512), bool)
     outside[y0:y1, x0:x1] = False
     pred[outside] += 1.0
-    assert evaluate.score_scene(pred, truth)["mrae"] == 0.0
+    assert scoring.score_scene(pred, truth)["mrae"] == 0.0
     pred[y0, x0] += 1.0
-    assert evaluate.score_scene(pred, truth)["mrae"] > 0.0
+    assert scoring.score_scene(pred, truth)["mrae"] > 0.0
 
 
 def test_rows_and_summary_with_a_scene_without_truth():
@@ -50,7 +50,7 @@ def test_rows_and_summary_with_a_scene_without_truth():
     def keep(row, rgb, pred, truth):
         predictions[row["stem"]] = pred
 
-    rows = evaluate.evaluate_scenes(apply_fn, scenes, SETTINGS, on_prediction=keep)
+    rows = scoring.evaluate_scenes(apply_fn, scenes, SETTINGS, on_prediction=keep)
     assert [r["stem"] for r in rows] == ["a", "b", "rgb_only"]
     assert rows[2]["has_ground_truth"] is False and "mrae" not in rows[2]
     for row, (_, _, truth) in zip(rows[:2], scenes[:2], strict=True):
@@ -58,7 +58,7 @@ def test_rows_and_summary_with_a_scene_without_truth():
         for name, value in expected.items():
             assert row[name] == pytest.approx(float(value), rel=1e-6), name
         assert {"mrae", "mrae_clamped", "psnr", "psnr_clamped", "ssim", "sam", "mae"} <= set(row)
-    summary = evaluate.summarize(rows)
+    summary = scoring.summarize(rows)
     assert summary["num_scenes"] == 3 and summary["num_scored"] == 2
     assert summary["predicted_only"] == ["rgb_only"]
     mraes = [rows[0]["mrae"], rows[1]["mrae"]]
@@ -71,7 +71,7 @@ def test_rows_and_summary_with_a_scene_without_truth():
 
 
 def test_small_frames_give_the_sentinel():
-    rows = evaluate.evaluate_scenes(pointwise_model(), [_scene("small", 40, 50, 0)], SETTINGS)
+    rows = scoring.evaluate_scenes(pointwise_model(), [_scene("small", 40, 50, 0)], SETTINGS)
     assert rows[0]["mrae"] == 999.0 and rows[0]["psnr"] == 0.0
 
 
@@ -80,7 +80,7 @@ def test_write_results(tmp_path):
         {"stem": "a", "has_ground_truth": True, "mrae": 0.2, "mrae_clamped": 0.1, "seconds": 1.0},
         {"stem": "b", "has_ground_truth": False, "seconds": 2.0},
     ]
-    csv_path, json_path = evaluate.write_results(tmp_path, rows, evaluate.summarize(rows))
+    csv_path, json_path = evaluate.write_results(tmp_path, rows, scoring.summarize(rows))
     with open(csv_path, newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["stem"] for r in table] == ["a", "b"]

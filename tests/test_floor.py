@@ -12,7 +12,7 @@ import pytest
 from stand_in_models import BANDS, write_tiny_checkpoint
 
 from configs import base
-from cswin_jax import evaluate, floor, loop, metric_writers, metrics, sharding, viz
+from cswin_jax import evaluate, floor, loop, metric_writers, metrics, scoring, sharding, viz
 from cswin_jax import io as hsi_io
 from cswin_jax.data import pipeline, synthetic
 
@@ -197,7 +197,7 @@ def test_no_training_split_is_skipped_with_the_reason(tmp_path, data_root):
     rows = [{"stem": stem, "has_ground_truth": True, "mrae": 0.5, "seconds": 0.0}]
     result = evaluate.floor_summary(config, root, scenes, rows)
     assert set(result) == {"skipped"} and "train_list.txt is missing" in result["skipped"]
-    summary = evaluate.summarize(rows)
+    summary = scoring.summarize(rows)
     summary["floor"] = result
     last = evaluate.format_table(rows, summary).splitlines()[-1]
     assert last.startswith("floor: skipped, the dataset has no training split")
