@@ -13,7 +13,6 @@ Weights are random (timing does not depend on their values), so no checkpoint is
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -22,13 +21,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import cswin_jax
 from configs.base import get_config  # noqa: E402
-from cswin_jax import inference  # noqa: E402
+from cswin_jax import cli, inference  # noqa: E402
 from cswin_jax.models.generator import build_generator  # noqa: E402
+
+_SIZE = flags.DEFINE_string("size", "482x512", "HxW of the frame")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed calls per mode (after the first call)")
+_TILE = flags.DEFINE_integer("tile", 128, "tile side in pixels (tiled mode)")
+_OVERLAP = flags.DEFINE_integer("overlap", 16, "overlap of neighbouring tiles in pixels")
+_BATCH = flags.DEFINE_integer("batch", 4, "tiles per model call")
+_ENSEMBLE = flags.DEFINE_bool("ensemble", False, "8-way self-ensemble")
+_MODES = flags.DEFINE_string("modes", "whole,tiled", "comma-separated subset of whole,tiled")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", inference.COMPUTE_DTYPES, "compute dtype")
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -43,22 +52,10 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times) if times else float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="482x512", help="HxW of the frame")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--overlap", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4, help="tiles per model call")
-    parser.add_argument("--ensemble", action="store_true", help="8-way self-ensemble")
-    parser.add_argument("--modes", default="whole,tiled", help="comma-separated subset")
-    parser.add_argument(
-        "--dtype", default="float32", choices=inference.COMPUTE_DTYPES, help="compute dtype"
-    )
-    args = parser.parse_args()
-
+def main(argv) -> None:
+    del argv
     model_cfg = get_config().model  # default width (base_channels 64)
-    model = build_generator(model_cfg, dtype=jnp.dtype(args.dtype))
+    model = build_generator(model_cfg, dtype=jnp.dtype(_DTYPE.value))
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(
@@ -66,39 +63,39 @@ def main() -> None:
         abstract["params"],
     )
     apply_fn = inference.make_generator_apply(model, params)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    height, width = (int(v) for v in _SIZE.value.lower().split("x"))
     rgb = rng.uniform(size=(height, width, 3)).astype(np.float32)
-    n_tiles = len(inference.tile_positions(height, width, args.tile, args.overlap))
+    n_tiles = len(inference.tile_positions(height, width, _TILE.value, _OVERLAP.value))
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f} M params, "
-        f"frame {height}x{width}, ensemble={args.ensemble}, compute {args.dtype}"
+        f"frame {height}x{width}, ensemble={_ENSEMBLE.value}, compute {_DTYPE.value}"
     )
     runs = {
-        "whole": lambda: inference.predict_whole(apply_fn, rgb, ensemble=args.ensemble),
+        "whole": lambda: inference.predict_whole(apply_fn, rgb, ensemble=_ENSEMBLE.value),
         "tiled": lambda: inference.predict_tiled(
             apply_fn,
             rgb,
-            tile=args.tile,
-            overlap=args.overlap,
-            batch_size=args.batch,
-            ensemble=args.ensemble,
+            tile=_TILE.value,
+            overlap=_OVERLAP.value,
+            batch_size=_BATCH.value,
+            ensemble=_ENSEMBLE.value,
         ),
     }
-    for mode in args.modes.split(","):
-        first, median = _time(runs[mode], args.repeats)
+    for mode in _MODES.value.split(","):
+        first, median = _time(runs[mode], _REPEATS.value)
         detail = (
-            f" ({n_tiles} tiles of {args.tile}, overlap {args.overlap}, batch {args.batch})"
+            f" ({n_tiles} tiles of {_TILE.value}, overlap {_OVERLAP.value}, batch {_BATCH.value})"
             if mode == "tiled"
             else ""
         )
         print(
             f"{mode}{detail}: first call (compile + run) {first:.1f} s, "
-            f"then {median:.2f} s per frame (median of {args.repeats})",
+            f"then {median:.2f} s per frame (median of {_REPEATS.value})",
             flush=True,
         )
 
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    main()
+    cli.run(main)

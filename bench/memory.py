@@ -46,7 +46,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
-import argparse
 import functools
 import importlib.util
 import math
@@ -56,11 +55,40 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 
 import cswin_jax
+from cswin_jax import cli
 from cswin_jax.losses import charbonnier
 from cswin_jax.models.discriminator import build_discriminator
 from cswin_jax.models.generator import build_generator
+
+_BATCH = flags.DEFINE_integer("batch", 20, "patches per micro-batch")
+_PATCH = flags.DEFINE_integer("patch", 128, "patch side in pixels")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype")
+_POLICIES = flags.DEFINE_string(
+    "policies", "none,attention,block", "comma-separated generator model.remat policies"
+)
+_CONFIG = flags.DEFINE_string(
+    "config", str(pathlib.Path(__file__).parents[1] / "configs/base.py"), "recipe file"
+)
+_BASE_CHANNELS = flags.DEFINE_integer("base_channels", None, "override G width")
+_DISC_BASE_DIM = flags.DEFINE_integer("disc_base_dim", None, "override D width")
+_DISC_REMAT = flags.DEFINE_enum(
+    "disc_remat", "config", ["config", "on", "off"],
+    "discriminator block remat (default: config.discriminator.remat, else off)",
+)  # fmt: skip
+_RESIDUALS_ONLY = flags.DEFINE_bool(
+    "residuals_only", False, "skip compiling (seconds, not minutes)"
+)
+_TRAINER = flags.DEFINE_bool(
+    "trainer", False,
+    "analyse Trainer.train_step of the config (Sinkhorn, R1, EMA; compute dtype from "
+    "config.mixed_precision) instead of the simplified step",
+)  # fmt: skip
+_R1_CHUNKS = flags.DEFINE_string(
+    "r1_chunks", "1", "with --trainer: comma-separated loss.r1_chunks values to analyse"
+)
 
 GIB = 1024**3
 ADV_WEIGHT = 0.1
@@ -207,46 +235,19 @@ def analyse_trainer(config, policy: str, batch: int, patch: int):
     return compiled_memory(compiled, time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=20)
-    parser.add_argument("--patch", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--policies", default="none,attention,block")
-    parser.add_argument(
-        "--config", default=str(pathlib.Path(__file__).parents[1] / "configs/base.py")
-    )
-    parser.add_argument("--base_channels", type=int, default=None, help="override G width")
-    parser.add_argument("--disc_base_dim", type=int, default=None, help="override D width")
-    parser.add_argument(
-        "--disc_remat", choices=["config", "on", "off"], default="config",
-        help="discriminator block remat (default: config.discriminator.remat, else off)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--residuals_only", action="store_true", help="skip compiling (seconds, not minutes)"
-    )
-    parser.add_argument(
-        "--trainer", action="store_true",
-        help="analyse Trainer.train_step of the config (Sinkhorn, R1, EMA; compute dtype from "
-        "config.mixed_precision) instead of the simplified step",
-    )  # fmt: skip
-    parser.add_argument(
-        "--r1_chunks", default="1",
-        help="with --trainer: comma-separated loss.r1_chunks values to analyse",
-    )  # fmt: skip
-    args = parser.parse_args()
-
-    config = load_config(args.config)
-    if args.base_channels:
-        config.model.base_channels = args.base_channels
-    if args.disc_base_dim:
-        config.discriminator.base_dim = args.disc_base_dim
-    if args.disc_remat != "config":
-        config.discriminator.remat = args.disc_remat == "on"
+def main(argv) -> None:
+    del argv
+    config = load_config(_CONFIG.value)
+    if _BASE_CHANNELS.value:
+        config.model.base_channels = _BASE_CHANNELS.value
+    if _DISC_BASE_DIM.value:
+        config.discriminator.base_dim = _DISC_BASE_DIM.value
+    if _DISC_REMAT.value != "config":
+        config.discriminator.remat = _DISC_REMAT.value == "on"
     disc_remat = bool(config.discriminator.get("remat", False))
     print(
-        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})  batch {args.batch}  "
-        f"patch {args.patch}x{args.patch}  compute {args.dtype}  G width "
+        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})  batch {_BATCH.value}  "
+        f"patch {_PATCH.value}x{_PATCH.value}  compute {_DTYPE.value}  G width "
         f"{config.model.base_channels}  D width {config.discriminator.base_dim}  "
         f"D remat {disc_remat}"
     )
@@ -254,30 +255,35 @@ def main() -> None:
         "residuals = activations kept for the backward pass (backend independent); XLA = "
         "compiled.memory_analysis() of the whole step on this backend; sizes in GiB"
     )
-    if args.trainer:
-        config.mixed_precision = args.dtype == "bfloat16"
+    if _TRAINER.value:
+        config.mixed_precision = _DTYPE.value == "bfloat16"
         columns = ["XLA temp", "argument", "output", "alias", "code MiB", "XLA peak", "compile s"]
         print("Trainer.train_step (one micro-batch):")
         print(f"{'G remat':<10s}{'r1_chunks':>10s}" + "".join(f"{c:>12s}" for c in columns))
-        for policy in args.policies.split(","):
-            for chunks in map(int, args.r1_chunks.split(",")):
+        for policy in _POLICIES.value.split(","):
+            for chunks in map(int, _R1_CHUNKS.value.split(",")):
                 config.loss.r1_chunks = chunks
-                row = analyse_trainer(config, policy, args.batch, args.patch)
+                row = analyse_trainer(config, policy, _BATCH.value, _PATCH.value)
                 values = [row[k] for k in ("temp", "argument", "output", "alias")]
                 values += [row["code"] * 1024, row["peak"], row["compile_s"]]
                 line = f"{policy:<10s}{chunks:>10d}" + "".join(f"{v:>12.3f}" for v in values)
                 print(line, flush=True)
         return
     columns = ["res G+D(fake)", "res D(real,fake)"]
-    if not args.residuals_only:
+    if not _RESIDUALS_ONLY.value:
         columns += ["XLA temp", "argument", "output", "alias", "code MiB", "XLA peak", "compile s"]
     print(f"{'G remat':<10s}" + "".join(f"{c:>17s}" for c in columns), flush=True)
-    for policy in args.policies.split(","):
+    for policy in _POLICIES.value.split(","):
         row = analyse(
-            config, policy, args.batch, args.patch, jnp.dtype(args.dtype), not args.residuals_only
+            config,
+            policy,
+            _BATCH.value,
+            _PATCH.value,
+            jnp.dtype(_DTYPE.value),
+            not _RESIDUALS_ONLY.value,
         )
         values = [row["res_g"], row["res_d"]]
-        if not args.residuals_only:
+        if not _RESIDUALS_ONLY.value:
             values += [row["temp"], row["argument"], row["output"], row["alias"]]
             values += [row["code"] * 1024, row["peak"], row["compile_s"]]
         print(f"{policy:<10s}" + "".join(f"{v:>17.3f}" for v in values), flush=True)
@@ -285,4 +291,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    main()
+    cli.run(main, config_flag=None)  # --config is a recipe path here

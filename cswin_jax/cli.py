@@ -1,9 +1,15 @@
 """What every command-line entry point shares: a user's mistake is one line, not a traceback.
 
-`run(main)` replaces `absl.app.run(main)`; `run_argparse(main)` wraps an argparse program's
-`main()`. Both print a user error (a bad path, file, key or value) as one line on stderr,
-`error: <what is wrong and the fix>`, and exit with status 2. Programming errors keep their
-traceback, and `--debug` shows the traceback of a user error too.
+`run(main)` replaces `absl.app.run(main)`. It prints a user error (a bad path, file, key or
+value) as one line on stderr, `error: <what is wrong and the fix>`, and exits with status 2.
+Programming errors keep their traceback, and `--debug` shows the traceback of a user error too.
+
+Two kinds of programs: `cswin_jax.main` and `cswin_jax.convert` define their flags on absl's
+global `flags.FLAGS` (each runs alone in its process). The programs that tests import side by
+side (predict, evaluate, floor, viz, data.synthetic, which share names such as `--checkpoint`,
+`--output`, `--data_dir`) each define theirs on a `FlagValues` of their own (`program_flags()`)
+and parse them in `main(argv)` (`parse_flags`), so `main([...])` runs in-process, and
+`run(main, flag_values=...)` runs it as a program.
 
 What counts as a user error: `UserError`; absl's `UsageError`; a missing, existing or
 unwritable path, a full or read-only disk (`OSError`s that name the path); and a `ValueError`
@@ -24,6 +30,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import re
 import sys
 import threading
 import traceback
@@ -42,7 +49,8 @@ _OS_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EAC
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 PermissionError)  # fmt: skip
 
-flags.DEFINE_bool("debug", False, "Show the full traceback of a user error (bad path, key, file).")
+_DEBUG_HELP = "Show the full traceback of a user error (bad path, key, file)."
+flags.DEFINE_bool("debug", False, _DEBUG_HELP)
 
 
 class UserError(ValueError):
@@ -91,18 +99,20 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USER_ERROR)
 
 
-def _debug_requested(argv: Sequence[str]) -> bool:
-    if "debug" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.debug:
+def _debug_requested(argv: Sequence[str], flag_values: flags.FlagValues) -> bool:
+    if "debug" in flag_values and flag_values.is_parsed() and flag_values.debug:
         return True
     return any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv)
 
 
-def _guarded(main: Callable[..., Any], argv: Sequence[str]) -> Callable[..., Any]:
+def _guarded(
+    main: Callable[..., Any], argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
+) -> Callable[..., Any]:
     def guarded(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is the user's mistake
-            if _debug_requested(argv) or not is_user_error(exc):
+            if _debug_requested(argv, flag_values) or not is_user_error(exc):
                 raise
             fail(one_line(exc))
 
@@ -114,16 +124,30 @@ def _guarded(main: Callable[..., Any], argv: Sequence[str]) -> Callable[..., Any
 # --------------------------------------------------------------------------------------------
 
 
-def run(main: Callable[[list[str]], Any], *, config_flag: str = "config") -> None:
-    """`absl.app.run(main)` with one-line user errors and a check of `--<config_flag>.<key>`."""
+def run(
+    main: Callable[[list[str]], Any],
+    *,
+    config_flag: str | None = "config",
+    flag_values: flags.FlagValues | None = None,
+) -> None:
+    """`absl.app.run(main)` with one-line user errors and a check of `--<config_flag>.<key>`
+    (None: the program has no ml_collections config flag; a plain `--config` string, say).
+
+    With `flag_values` (a program's own `program_flags()`), runs `main(sys.argv[1:])`, which
+    parses them itself (`parse_flags`); an int it returns is the exit status. Its console keeps
+    this package's INFO lines and every warning (`_OwnInfoOnly`), as `run` without it does
+    unless `--verbosity` is given."""
+    if flag_values is not None:
+        _run_own_flags(main, flag_values)
 
     def parse(argv: list[str]) -> list[str]:
         try:
             rest = flags.FLAGS(argv)
-            if config_flag in flags.FLAGS and flags.FLAGS[config_flag].value is not None:
+            if config_flag is not None and config_flag in flags.FLAGS:
                 # A file that failed to load leaves a stand-in whose first attribute access
                 # raises the load error: raise it here, before main, to report it in one line.
-                _ = flags.FLAGS[config_flag].value.keys
+                config = flags.FLAGS[config_flag].value
+                _ = config.keys if config is not None else None
             return rest
         except flags.Error as exc:
             fail(f"{one_line(exc)} (see --help)")
@@ -296,24 +320,76 @@ def unknown_override_message(
 
 
 # --------------------------------------------------------------------------------------------
-# argparse programs
+# programs with flags of their own
 # --------------------------------------------------------------------------------------------
 
-
-def add_debug_argument(parser) -> None:
-    """`--debug` on an argparse parser (read by `run_argparse` before the program runs)."""
-    parser.add_argument(
-        "--debug", action="store_true", help="show the full traceback of a user error"
-    )
+_HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
-def run_argparse(main: Callable[[], Any]) -> NoReturn:
-    """Runs an argparse program's `main()`; its return value is the exit status if an int.
+def program_flags() -> flags.FlagValues:
+    """A new flag set for one program (`flag_values=` of its `flags.DEFINE_*` calls), holding
+    `--debug`. absl's global `flags.FLAGS` takes each flag name once, and several programs
+    define `--checkpoint`, `--output`, `--data_dir`, ...; with a set each they can all be
+    imported into one process (the tests do) and parse their flags there."""
+    flag_values = flags.FlagValues()
+    flags.DEFINE_bool("debug", False, _DEBUG_HELP, flag_values=flag_values)
+    return flag_values
 
-    The console keeps this package's INFO lines and every warning (`_OwnInfoOnly`)."""
+
+def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: str | None) -> None:
+    """Parses `argv` (the arguments without the program name; None: `sys.argv[1:]`) into
+    `flag_values`, from the defaults on every call (a process may run `main` several times).
+
+    `--help` (or `-h`, `--helpfull`) prints `doc` and every flag with its help text and exits
+    with status 0. An unknown flag, a bad value, a missing required flag or a stray positional
+    argument prints one line, `error: ... (see --help)`, and exits with status 2. argparse's
+    `--no-<name>` of a boolean flag is read as absl's `--no<name>` (the canonical spelling)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in _HELP_ARGS for arg in argv):
+        print(program_help(flag_values, doc))
+        raise SystemExit(0)
+    flag_values.unparse_flags()
+    try:
+        rest = flag_values(["program", *_absl_spellings(flag_values, argv)])
+    except flags.Error as exc:
+        missing = re.findall(r"Flag --(\S+) must have a value other than None", str(exc))
+        if missing:
+            fail(f"{', '.join(f'--{name}' for name in missing)}: required (see --help)")
+        fail(f"{one_line(exc)} (see --help)")
+    if rest[1:]:
+        fail(f"unexpected arguments {rest[1:]}: values go with a --flag (see --help)")
+
+
+def program_help(flag_values: flags.FlagValues, doc: str | None) -> str:
+    """`doc` (the program's module docstring), then every flag with its help and default."""
+    blocks: list[list[str]] = []  # one per flag: its line and the indented lines after it
+    for line in flag_values.get_help(include_special_flags=False).splitlines():
+        if line.startswith("  --"):
+            blocks.append([line])
+        elif line.startswith(" ") and blocks:
+            blocks[-1].append(line)  # absl's per-module headings are left out
+    blocks.sort(key=lambda block: block[0].replace("--[no]", "--").split(":")[0])
+    return "\n".join([(doc or "").strip(), "", "Flags:", *(line for b in blocks for line in b)])
+
+
+def _absl_spellings(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """argv with argparse's `--no-<name>` of each boolean flag turned into `--no<name>`."""
+    spelled = []
+    for arg in argv:
+        name = arg[len("--no-") :] if arg.startswith("--no-") else ""
+        if name in flag_values and flag_values[name].boolean:
+            arg = f"--no{name}"
+        spelled.append(arg)
+    return spelled
+
+
+def _run_own_flags(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> NoReturn:
     from absl import logging as absl_logging  # noqa: PLC0415
 
+    flags.FLAGS.mark_as_parsed()  # absl's own flags (logging) keep their defaults: no
+    # "Logging before flag parsing" warning; the program's flags are in `flag_values`
     absl_logging.use_absl_handler()  # absl's line format, as the absl programs print
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    status = _guarded(main, sys.argv[1:])()
+    argv = sys.argv[1:]
+    status = _guarded(main, argv, flag_values)(argv)
     raise SystemExit(status if isinstance(status, int) else 0)

@@ -1,8 +1,8 @@
-"""Score a checkpoint on the benchmark protocol, scene by scene.
+r"""Score a checkpoint on the benchmark protocol, scene by scene.
 
 Usage:
   python -m cswin_jax.evaluate --checkpoint runs/gan --data_dir $HSI_DATA_DIR \
-      [--split valid] [--tiled] [--ensemble] [--figures] [--output DIR] [--no-floor]
+      [--split valid] [--tiled] [--ensemble] [--figures] [--output DIR] [--nofloor]
 
 Every scene of the split is predicted on its full frame (or tiled with --tiled, 8-way
 self-ensemble with --ensemble) and scored by `cswin_jax.metrics.center_crop_metrics`: the
@@ -16,14 +16,13 @@ Writes to --output (default `<checkpoint>/eval_<split>`):
     by MRAE, the unscored scenes, the settings, and `floor`: the per-pixel polynomial floor
     (`cswin_jax.floor`, orders 1-3 fit on the training split, scored like the model on the
     same scenes; printed as rows under the model's), or {"skipped": why} when the dataset
-    has no training split. `--no-floor` leaves it out.
+    has no training split. `--nofloor` leaves it out.
   * figures/ with --figures: per-scene figures of the worst and best scenes and a histogram
     of the per-scene metrics (`cswin_jax.viz`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pathlib
@@ -31,10 +30,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 import cswin_jax
-from cswin_jax import cli, inference, metrics, scoring
+from cswin_jax import cli, inference, metrics, predict, scoring
 
 
 def write_results(
@@ -184,7 +183,6 @@ def evaluate_checkpoint(
     import ml_collections
 
     from cswin_jax.data import arad, pipeline
-    from cswin_jax.predict import ensure_writable_dir
 
     if not pathlib.Path(checkpoint_dir).exists():  # before the default output is made in it
         raise FileNotFoundError(
@@ -192,7 +190,7 @@ def evaluate_checkpoint(
             "checkpoints/ folder, or a folder written by `python -m cswin_jax.convert`"
         )
     output = pathlib.Path(output_dir or pathlib.Path(checkpoint_dir) / f"eval_{split}")
-    ensure_writable_dir(output)
+    predict.ensure_writable_dir(output)
     if data_source == "arad":  # fail before the (slow) model restore
         arad.check_layout(data_dir)
     apply_fn, config_dict = inference.load_generator(
@@ -248,76 +246,86 @@ def evaluate_checkpoint(
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cswin_jax.evaluate", description="Score a checkpoint scene by scene."
-    )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    parser.add_argument("--data_dir", required=True, help="dataset root (MST++ / ARAD-1K layout)")
-    parser.add_argument("--split", choices=("train", "valid", "test"), default="valid")
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="results folder (default: <checkpoint>/eval_<split>)",
-    )
-    parser.add_argument(
-        "--tiled",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tiled inference (default: the checkpoint's config.eval.tiled)",
-    )
-    parser.add_argument("--ensemble", action="store_true", help="8-way flip/rotate self-ensemble")
-    parser.add_argument("--figures", action="store_true", help="figures of the worst/best scenes")
-    parser.add_argument("--figure_scenes", type=int, default=2, help="how many worst and best")
-    parser.add_argument(
-        "--raw_weights",
-        dest="use_ema",
-        action="store_false",
-        help="use the raw (not EMA) generator weights of a training checkpoint",
-    )
-    parser.add_argument("--data_source", choices=("arad", "tfds"), default="arad")
-    parser.add_argument(
-        "--floor",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="rows of the per-pixel polynomial floor fit on the training split (default on)",
-    )
-    parser.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="training step (only for delayed_sigmoid)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="compute dtype (bfloat16: faster on GPUs, float32 weights and output)",
-    )
-    cli.add_debug_argument(parser)
-    return parser
+_FLAGS = cli.program_flags()  # its own set: predict, floor, ... share names (cli.program_flags)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Checkpoint folder (training or converted). Required.",
+    flag_values=_FLAGS,
+    required=True,
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Dataset root (MST++ / ARAD-1K layout). Required.",
+    flag_values=_FLAGS,
+    required=True,
+)
+_SPLIT = flags.DEFINE_enum(
+    "split", "valid", ["train", "valid", "test"], "Split to evaluate.", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Results folder (default: <checkpoint>/eval_<split>).", flag_values=_FLAGS
+)
+_TILED = flags.DEFINE_bool(
+    "tiled",
+    None,
+    "Tiled inference; --notiled: whole frames (default: the checkpoint's config.eval.tiled).",
+    flag_values=_FLAGS,
+)
+_ENSEMBLE = flags.DEFINE_bool(
+    "ensemble", False, "8-way flip/rotate self-ensemble.", flag_values=_FLAGS
+)
+_FIGURES = flags.DEFINE_bool(
+    "figures",
+    False,
+    "Figures of the worst and best scenes (in <output>/figures).",
+    flag_values=_FLAGS,
+)
+_FIGURE_SCENES = flags.DEFINE_integer(
+    "figure_scenes",
+    2,
+    "How many worst and how many best scenes get figures.",
+    flag_values=_FLAGS,
+)
+_RAW_WEIGHTS, _STEP, _DTYPE = predict.define_weight_flags(_FLAGS)
+_DATA_SOURCE = flags.DEFINE_enum(
+    "data_source",
+    "arad",
+    ["arad", "tfds"],
+    "Dataset reader: arad (files in --data_dir) or tfds (TensorFlow Datasets).",
+    flag_values=_FLAGS,
+)
+_FLOOR = flags.DEFINE_bool(
+    "floor",
+    True,
+    "Rows of the per-pixel polynomial floor fit on the training split; --nofloor leaves them "
+    "out (--no-floor is read as --nofloor).",
+    flag_values=_FLAGS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """CLI entry point: `argv` are the arguments (None: sys.argv[1:]); returns the summary."""
+    cli.parse_flags(_FLAGS, argv, __doc__)
     logging.set_verbosity(logging.INFO)
     return evaluate_checkpoint(
-        args.checkpoint,
-        args.data_dir,
-        split=args.split,
-        output_dir=args.output,
-        tiled=args.tiled,
-        ensemble=args.ensemble,
-        figures=args.figures,
-        num_figure_scenes=args.figure_scenes,
-        use_ema=args.use_ema,
-        data_source=args.data_source,
-        step=args.step,
-        floor=args.floor,
-        dtype=args.dtype,
+        _CHECKPOINT.value,
+        _DATA_DIR.value,
+        split=_SPLIT.value,
+        output_dir=_OUTPUT.value,
+        tiled=_TILED.value,
+        ensemble=_ENSEMBLE.value,
+        figures=_FIGURES.value,
+        num_figure_scenes=_FIGURE_SCENES.value,
+        use_ema=not _RAW_WEIGHTS.value,
+        data_source=_DATA_SOURCE.value,
+        step=_STEP.value,
+        floor=_FLOOR.value,
+        dtype=_DTYPE.value,
     )
 
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    cli.run_argparse(main)
+    cli.run(main, flag_values=_FLAGS)

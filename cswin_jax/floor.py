@@ -32,7 +32,6 @@ printing one row per order (`--orders`, `--pixels`, `--seed`; `--output floor.js
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import itertools
@@ -43,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from cswin_jax import cli, scoring
 from cswin_jax import io as hsi_io
@@ -359,29 +358,60 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cswin_jax.floor",
-        description="Fit the per-pixel polynomial floor on the training split, score it.",
-    )
-    parser.add_argument("--config", help="a config file (configs/*.py): its data and eval keys")
-    parser.add_argument(
-        "--workdir", help="the run folder (a synthetic config's data is in its synthetic_data/)"
-    )
-    parser.add_argument("--data_dir", help="dataset root (MST++ / ARAD-1K layout)")
-    parser.add_argument("--data_source", choices=("arad", "tfds"), default=None,
-                        help="with --data_dir (default arad)")  # fmt: skip
-    parser.add_argument("--split", choices=("train", "valid", "test"), default="valid")
-    parser.add_argument("--orders", default=None, help="e.g. 1,2,3 (default: eval.floor_orders)")
-    parser.add_argument("--pixels", type=int, default=None, help="training pixels to fit on")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the pixel draw")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="lsq",
-                        help="lsq: least squares (the floor); mrae: minimise MRAE")  # fmt: skip
-    parser.add_argument("--noclamp", dest="clamp", action="store_false",
-                        help="leave out the metrics of the clamped predictions")  # fmt: skip
-    parser.add_argument("--output", help="also write the summary to this JSON file")
-    cli.add_debug_argument(parser)
-    return parser
+_FLAGS = cli.program_flags()  # its own set: predict, evaluate, ... share names (cli.program_flags)
+flags.DEFINE_string(
+    "config",
+    None,
+    "A config file (configs/*.py[:arg]): its data and eval keys.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run folder (a synthetic config's data is in its synthetic_data/).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string("data_dir", None, "Dataset root (MST++ / ARAD-1K layout).", flag_values=_FLAGS)
+flags.DEFINE_enum(
+    "data_source",
+    None,
+    ["arad", "tfds"],
+    "Dataset reader with --data_dir (default arad).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_enum(
+    "split",
+    "valid",
+    ["train", "valid", "test"],
+    "Split to score the floor on.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+    "orders",
+    None,
+    "Polynomial orders, e.g. 1,2,3 (default: the config's eval.floor_orders).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_integer(
+    "pixels", None, "Training pixels to fit on (default: eval.floor_pixels).", flag_values=_FLAGS
+)
+flags.DEFINE_integer(
+    "seed", None, "Seed of the pixel draw (default: eval.floor_seed).", flag_values=_FLAGS
+)
+flags.DEFINE_enum(
+    "objective",
+    "lsq",
+    OBJECTIVES,
+    "lsq: least squares (the floor); mrae: minimise MRAE.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_bool(
+    "clamp",
+    True,
+    "Also score the predictions clamped to [0, 1]; --noclamp leaves them out.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string("output", None, "Also write the summary to this JSON file.", flag_values=_FLAGS)
 
 
 def _config_from_args(args):
@@ -409,6 +439,8 @@ def _config_from_args(args):
 
 
 def run(args) -> dict[str, Any]:
+    """Fits and scores the floor as the flags `args` (`_FLAGS`, or any object with their
+    names as attributes) say; prints the table and returns the summary."""
     from cswin_jax.data import pipeline  # noqa: PLC0415
 
     config = _config_from_args(args)
@@ -443,14 +475,17 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """CLI entry point: `argv` are the arguments (None: sys.argv[1:]); returns the summary.
+    A mistake in the data or flags exits with one line (`cli.fail`)."""
+    cli.parse_flags(_FLAGS, argv, __doc__)
     logging.set_verbosity(logging.INFO)
     try:
-        return run(args)
+        return run(_FLAGS)
     except (FileNotFoundError, ValueError) as err:  # the user's data or flags: one line
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        if _FLAGS.debug:
+            raise
+        cli.fail(cli.one_line(err))
 
 
 if __name__ == "__main__":
-    cli.run_argparse(main)
+    cli.run(main, flag_values=_FLAGS)

@@ -1,4 +1,4 @@
-"""Turn RGB photos into 31-band spectral cubes (400-700 nm, 10 nm steps).
+r"""Turn RGB photos into 31-band spectral cubes (400-700 nm, 10 nm steps).
 
 Usage:
   python -m cswin_jax.predict --checkpoint runs/gan --input photos/ --output cubes/ \
@@ -29,7 +29,6 @@ Inference runs on the whole frame; --tiled (or any image above --max_whole_pixel
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 import time
@@ -37,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 import cswin_jax
@@ -154,79 +153,101 @@ def run(
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cswin_jax.predict", description="RGB photos -> 31-band spectral cubes."
+def define_weight_flags(
+    flag_values: flags.FlagValues,
+) -> tuple[flags.FlagHolder[bool], flags.FlagHolder[int | None], flags.FlagHolder[str]]:
+    """`--raw_weights`, `--step`, `--dtype` on `flag_values`: which generator weights to restore
+    and how to run them (`inference.load_generator`); predict and evaluate define the same."""
+    raw_weights = flags.DEFINE_bool(
+        "raw_weights",
+        False,
+        "Use the raw (not EMA) generator weights of a training checkpoint.",
+        flag_values=flag_values,
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="checkpoint folder (training or converted)",
+    step = flags.DEFINE_integer(
+        "step", None, "Training step (only for delayed_sigmoid).", flag_values=flag_values
     )
-    parser.add_argument("--input", required=True, help="an RGB image or a folder of images")
-    parser.add_argument("--output", required=True, help="folder for the cubes (created if missing)")
-    parser.add_argument(
-        "--format", choices=hsi_io.CUBE_FORMATS, default="mat", help="cube file format"
+    dtype = flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "Compute dtype (bfloat16: faster on GPUs; float32 weights and output).",
+        flag_values=flag_values,
     )
-    parser.add_argument("--preview", action="store_true", help="also write an sRGB preview PNG")
-    parser.add_argument(
-        "--tiled",
-        action="store_true",
-        help="tiled inference (config.eval tiles)",
-    )
-    parser.add_argument("--ensemble", action="store_true", help="8-way flip/rotate self-ensemble")
-    parser.add_argument(
-        "--noclamp", dest="clamp", action="store_false", help="keep values outside [0, 1]"
-    )
-    parser.add_argument(
-        "--raw_weights",
-        dest="use_ema",
-        action="store_false",
-        help="use the raw (not EMA) generator weights of a training checkpoint",
-    )
-    parser.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="training step (only for delayed_sigmoid)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="compute dtype (bfloat16: faster on GPUs, float32 weights and output)",
-    )
-    parser.add_argument(
-        "--max_whole_pixels",
-        type=int,
-        default=1 << 20,
-        help="images with more pixels run tiled even without --tiled",
-    )
-    cli.add_debug_argument(parser)
-    return parser
+    return raw_weights, step, dtype
+
+
+_FLAGS = cli.program_flags()  # its own set: evaluate, floor, ... share names (cli.program_flags)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Checkpoint folder (training or converted). Required.",
+    flag_values=_FLAGS,
+    required=True,
+)
+_INPUT = flags.DEFINE_string(
+    "input",
+    None,
+    "An RGB image or a folder of images. Required.",
+    flag_values=_FLAGS,
+    required=True,
+)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Folder for the cubes (created if missing). Required.",
+    flag_values=_FLAGS,
+    required=True,
+)
+_FORMAT = flags.DEFINE_enum(
+    "format", "mat", hsi_io.CUBE_FORMATS, "Cube file format.", flag_values=_FLAGS
+)
+_PREVIEW = flags.DEFINE_bool(
+    "preview", False, "Also write an sRGB preview PNG per image.", flag_values=_FLAGS
+)
+_TILED = flags.DEFINE_bool(
+    "tiled", False, "Tiled inference (the checkpoint's config.eval tiles).", flag_values=_FLAGS
+)
+_ENSEMBLE = flags.DEFINE_bool(
+    "ensemble", False, "8-way flip/rotate self-ensemble.", flag_values=_FLAGS
+)
+_CLAMP = flags.DEFINE_bool(
+    "clamp",
+    True,
+    "Clamp the cubes to [0, 1]; --noclamp keeps values outside.",
+    flag_values=_FLAGS,
+)
+_RAW_WEIGHTS, _STEP, _DTYPE = define_weight_flags(_FLAGS)
+_MAX_WHOLE_PIXELS = flags.DEFINE_integer(
+    "max_whole_pixels",
+    1 << 20,
+    "Images with more pixels run tiled even without --tiled.",
+    flag_values=_FLAGS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 when some images failed)."""
-    args = build_parser().parse_args(argv)
+    """CLI entry point: `argv` are the arguments (None: sys.argv[1:]); returns the exit
+    status (1 when some images failed)."""
+    cli.parse_flags(_FLAGS, argv, __doc__)
     logging.set_verbosity(logging.INFO)
     from cswin_jax import inference
 
-    output_dir = ensure_writable_dir(args.output)
-    inputs = list_inputs(args.input)
+    output_dir = ensure_writable_dir(_OUTPUT.value)
+    inputs = list_inputs(_INPUT.value)
     apply_fn, config = inference.load_generator(
-        args.checkpoint, use_ema=args.use_ema, step=args.step, dtype=args.dtype
+        _CHECKPOINT.value, use_ema=not _RAW_WEIGHTS.value, step=_STEP.value, dtype=_DTYPE.value
     )
     written, failed = run(
         apply_fn,
         inputs,
         output_dir,
-        fmt=args.format,
-        preview=args.preview,
-        tiled=args.tiled,
-        ensemble=args.ensemble,
-        clamp=args.clamp,
-        max_whole_pixels=args.max_whole_pixels,
+        fmt=_FORMAT.value,
+        preview=_PREVIEW.value,
+        tiled=_TILED.value,
+        ensemble=_ENSEMBLE.value,
+        clamp=_CLAMP.value,
+        max_whole_pixels=_MAX_WHOLE_PIXELS.value,
         settings=inference.eval_settings(config),
     )
     print(f"wrote {len(written)} files to {output_dir}")
@@ -237,4 +258,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    cli.run_argparse(main)
+    cli.run(main, flag_values=_FLAGS)

@@ -1,4 +1,4 @@
-"""Figures for spectral reconstructions: sRGB renderings, error maps, spectra, histograms.
+r"""Figures for spectral reconstructions: sRGB renderings, error maps, spectra, histograms.
 
 Every function writes one PNG through matplotlib's object API (`Figure` + Agg canvas), so
 nothing here touches pyplot's global state or needs a display.
@@ -21,7 +21,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import pathlib
@@ -29,6 +28,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from absl import flags
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -483,66 +483,90 @@ def plot_validation_curve(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parse_pixels(text: str | None) -> list[tuple[int, int]] | None:
-    if not text:
-        return None
-    try:
-        pixels = [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
-    except ValueError:
-        pixels = []
-    if not pixels or any(len(p) != 2 for p in pixels):
-        raise argparse.ArgumentTypeError(f"--pixels must look like '120,200;300,50', got {text!r}")
-    return pixels
+class _PixelsParser(flags.ArgumentParser):
+    """`--pixels 'y,x;y,x'` -> [(y, x), ...]."""
+
+    def parse(self, argument):
+        if not isinstance(argument, str):  # the default (None) or a parsed list
+            return argument
+        try:
+            pixels = [
+                tuple(int(v) for v in item.split(",")) for item in argument.split(";") if item
+            ]
+        except ValueError:
+            pixels = []
+        if not pixels or any(len(p) != 2 for p in pixels):
+            raise ValueError(f"--pixels must look like '120,200;300,50', got {argument!r}")
+        return pixels
+
+    def flag_type(self):
+        return "pixel list"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cswin_jax.viz", description="Figures of a predicted spectral cube."
-    )
-    parser.add_argument("--pred", help="predicted cube (.mat v7.3 / .h5 / .npy)")
-    parser.add_argument("--gt", help="ground-truth cube (ARAD .mat, .h5 or .npy)")
-    parser.add_argument("--rgb", help="input RGB image, shown beside the cubes")
-    parser.add_argument("--metrics_csv", help="evaluate's metrics.csv: per-scene histograms")
-    parser.add_argument(
-        "--curve", help="a training workdir: its validation curve with the floor lines"
-    )
-    parser.add_argument("--curve_metric", default="mrae", help="the curve's val/ metric")
-    parser.add_argument("--output", default="figures", help="folder for the PNG files")
-    parser.add_argument(
-        "--pixels", type=_parse_pixels, default=None, help="spectra at 'y,x;y,x' (default: worst)"
-    )
-    cli.add_debug_argument(parser)
-    return parser
+_FLAGS = cli.program_flags()  # its own set: predict, evaluate, ... share names (cli.program_flags)
+_PRED = flags.DEFINE_string(
+    "pred", None, "Predicted cube (.mat v7.3 / .h5 / .npy).", flag_values=_FLAGS
+)
+_GT = flags.DEFINE_string(
+    "gt", None, "Ground-truth cube (ARAD .mat, .h5 or .npy).", flag_values=_FLAGS
+)
+_RGB = flags.DEFINE_string(
+    "rgb", None, "Input RGB image, shown beside the cubes.", flag_values=_FLAGS
+)
+_METRICS_CSV = flags.DEFINE_string(
+    "metrics_csv", None, "evaluate's metrics.csv: per-scene histograms.", flag_values=_FLAGS
+)
+_CURVE = flags.DEFINE_string(
+    "curve",
+    None,
+    "A training workdir: its validation curve with the floor lines.",
+    flag_values=_FLAGS,
+)
+_CURVE_METRIC = flags.DEFINE_string(
+    "curve_metric", "mrae", "The curve's val/ metric.", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string("output", "figures", "Folder for the PNG files.", flag_values=_FLAGS)
+_PIXELS = flags.DEFINE(
+    _PixelsParser(),
+    "pixels",
+    None,
+    "Spectra at 'y,x;y,x' (default: the worst pixels).",
+    flag_values=_FLAGS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.pred and not args.metrics_csv and not args.curve:
-        parser.error(
-            "give --pred (a cube), --metrics_csv (evaluate's output) and/or --curve (a workdir)"
+    """CLI entry point: `argv` are the arguments (None: sys.argv[1:]); returns the written
+    files. A mistake in the flags or the workdir exits with one line (`cli.fail`)."""
+    cli.parse_flags(_FLAGS, argv, __doc__)
+    if not _PRED.value and not _METRICS_CSV.value and not _CURVE.value:
+        cli.fail(
+            "give --pred (a cube), --metrics_csv (evaluate's output) and/or --curve (a workdir) "
+            "(see --help)"
         )
-    out_dir = pathlib.Path(args.output)
+    out_dir = pathlib.Path(_OUTPUT.value)
     written = []
-    if args.pred:
-        hsi_pred = hsi_io.read_cube(args.pred)
-        hsi_true = hsi_io.read_cube(args.gt) if args.gt else None
-        rgb = hsi_io.read_rgb(args.rgb) if args.rgb else None
-        stem = pathlib.Path(args.pred).stem
-        written += write_scene_figures(out_dir, stem, hsi_pred, hsi_true, rgb, pixels=args.pixels)
-    if args.metrics_csv:
-        per_scene = read_metrics_csv(args.metrics_csv)
+    if _PRED.value:
+        hsi_pred = hsi_io.read_cube(_PRED.value)
+        hsi_true = hsi_io.read_cube(_GT.value) if _GT.value else None
+        rgb = hsi_io.read_rgb(_RGB.value) if _RGB.value else None
+        stem = pathlib.Path(_PRED.value).stem
+        written += write_scene_figures(out_dir, stem, hsi_pred, hsi_true, rgb, pixels=_PIXELS.value)
+    if _METRICS_CSV.value:
+        per_scene = read_metrics_csv(_METRICS_CSV.value)
         written.append(plot_metric_histograms(out_dir / "metric_histograms.png", per_scene))
-    if args.curve:
-        target = out_dir / f"validation_{args.curve_metric}.png"
+    if _CURVE.value:
+        target = out_dir / f"validation_{_CURVE_METRIC.value}.png"
         try:
-            written.append(plot_validation_curve(target, args.curve, args.curve_metric))
+            written.append(plot_validation_curve(target, _CURVE.value, _CURVE_METRIC.value))
         except (FileNotFoundError, ValueError) as err:  # the user's workdir: one line
-            parser.exit(2, f"{parser.prog}: error: {err}\n")
+            if _FLAGS.debug:
+                raise
+            cli.fail(cli.one_line(err))
     for path in written:
         print(path)
     return written
 
 
 if __name__ == "__main__":
-    cli.run_argparse(main)
+    cli.run(main, flag_values=_FLAGS)

@@ -59,7 +59,7 @@ def test_a_bad_value_in_the_run_is_one_line_and_debug_shows_the_traceback(tmp_pa
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_argparse_programs_print_one_line(tmp_path):
+def test_own_flag_programs_print_one_line(tmp_path):
     result = _run(
         "cswin_jax.predict", "--checkpoint", str(tmp_path), "--input", str(tmp_path / "no.png"),
         "--output", str(tmp_path / "out"),
@@ -123,26 +123,89 @@ def test_library_info_lines_are_filtered_out_and_ours_and_warnings_kept():
     assert keep.filter(record(library, logging.WARNING))
 
 
-def test_argparse_programs_filter_library_info_lines_too():
-    from absl import logging as absl_logging  # noqa: PLC0415
-
+def test_own_flag_programs_filter_library_info_lines_too():
     code = (
-        "import logging, sys\n"
-        "from absl import logging as absl_logging\n"
+        "import logging\n"
+        "from absl import flags, logging as absl_logging\n"
         "from cswin_jax import cli\n"
-        "def main():\n"
+        "FLAGS = cli.program_flags()\n"
+        "flags.DEFINE_string('name', 'x', 'A name.', flag_values=FLAGS)\n"
+        "def main(argv):\n"
+        "    cli.parse_flags(FLAGS, argv, 'doc')\n"
         "    absl_logging.set_verbosity(absl_logging.INFO)\n"
         "    logging.getLogger('orbax').info('library chatter')\n"
         "    logging.getLogger('orbax').warning('library warning')\n"
-        "cli.run_argparse(main)\n"
+        "    print('name', FLAGS.name)\n"
+        "cli.run(main, flag_values=FLAGS)\n"
     )
-    del absl_logging
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, "--name=y"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout == "name y\n"
     assert "library chatter" not in result.stderr
     assert "library warning" in result.stderr
+
+
+# The programs with flags of their own (cli.program_flags), all imported into this process:
+# absl's global FLAGS would refuse their shared names (--checkpoint, --output, --data_dir, ...).
+def _programs():
+    from cswin_jax import evaluate, floor, predict, viz  # noqa: PLC0415
+    from cswin_jax.data import synthetic  # noqa: PLC0415
+
+    return {"predict": predict, "evaluate": evaluate, "floor": floor, "viz": viz,
+            "synthetic": synthetic}  # fmt: skip
+
+
+def test_every_program_flag_has_help_and_help_lists_them(capsys):
+    for name, module in _programs().items():
+        defined = module._FLAGS.flags_by_module_dict()
+        own = {flag.name: flag for flags in defined.values() for flag in flags}
+        assert {"debug"} < set(own), name
+        for flag in own.values():
+            assert flag.help and flag.help.strip(), f"{name} --{flag.name} has no help"
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(module.__doc__.strip().splitlines()[0]), name
+        for flag in own.values():
+            shown = f"--[no]{flag.name}:" if flag.boolean else f"--{flag.name}:"
+            assert shown in out, (name, flag.name)
+
+
+@pytest.mark.parametrize(
+    ("program", "argv", "message"),
+    [
+        ("evaluate", ["--bogus=1"], "error: Unknown command line flag 'bogus' (see --help)"),
+        ("predict", ["--input", "x"], "error: --checkpoint, --output: required (see --help)"),
+        ("evaluate", ["--checkpoint=c", "--data_dir=d", "--split=x"],
+         "error: flag --split=x: value should be one of <train|valid|test> (see --help)"),
+        ("synthetic", ["--out=o", "--train=many"], "error: flag --train=many: invalid literal"),
+        ("viz", ["--pred=p", "stray"], "error: unexpected arguments ['stray']"),
+        ("viz", ["--pred=p", "--pixels=3;4"], "--pixels must look like '120,200;300,50'"),
+    ],
+)  # fmt: skip
+def test_flag_mistakes_are_one_line_with_status_2(capsys, program, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _programs()[program].main(argv)
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+
+
+def test_flags_start_from_their_defaults_and_take_the_argparse_spellings():
+    evaluate = _programs()["evaluate"]
+    required = ["--checkpoint=c", "--data_dir=d"]
+    cli.parse_flags(evaluate._FLAGS, [*required, "--nofloor", "--tiled", "--raw_weights"], None)
+    assert (evaluate._FLOOR.value, evaluate._TILED.value, evaluate._RAW_WEIGHTS.value) == (
+        False, True, True)  # fmt: skip
+    cli.parse_flags(evaluate._FLAGS, required, None)  # a second run: nothing carried over
+    assert (evaluate._FLOOR.value, evaluate._TILED.value, evaluate._RAW_WEIGHTS.value) == (
+        True, None, False)  # fmt: skip
+    cli.parse_flags(evaluate._FLAGS, [*required, "--no-floor", "--no-tiled"], None)
+    assert (evaluate._FLOOR.value, evaluate._TILED.value) == (False, False)
 
 
 _ALARM = (  # as jaxlib 0.10 prints it

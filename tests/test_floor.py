@@ -311,7 +311,7 @@ def test_cli_user_mistakes_are_one_line(tmp_path, data_root, capsys, argv, messa
         floor.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("python -m cswin_jax.floor: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
 
 

@@ -113,10 +113,12 @@ def test_cli(tmp_path):
     )  # fmt: skip
     assert len(written) == 5 and all(p.stat().st_size > 0 for p in written)
     assert viz.read_metrics_csv(tmp_path / "metrics.csv") == {"mrae": [0.1, 0.2], "psnr": [30, 31]}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         viz.main(["--output", str(tmp_path)])
-    with pytest.raises(SystemExit):
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
         viz.main(["--pred", str(tmp_path / "pred.npy"), "--pixels", "3;4"])
+    assert exit_info.value.code == 2
 
 
 def _write_scalars(log_dir, points):

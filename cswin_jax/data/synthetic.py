@@ -1,4 +1,4 @@
-"""Physically based synthetic scenes in the ARAD-1K / MST++ layout (the embedded default).
+r"""Physically based synthetic scenes in the ARAD-1K / MST++ layout (the embedded default).
 
     python -m cswin_jax.data.synthetic --out DIR --train N --valid M \
         --height 482 --width 512 --seed S
@@ -32,14 +32,14 @@ scene is the same whatever the number of scenes generated around it.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 from cswin_jax import cli
@@ -341,26 +341,32 @@ def is_complete(out: str | pathlib.Path, **settings) -> bool:
     return all(stored.get(k) == v for k, v in settings.items())
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (MST++ layout)")
-    parser.add_argument("--train", type=int, default=8, help="number of training scenes")
-    parser.add_argument("--valid", type=int, default=2, help="number of validation scenes")
-    parser.add_argument("--height", type=int, default=482)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    cli.add_debug_argument(parser)
-    args = parser.parse_args(argv)
+_FLAGS = cli.program_flags()  # its own set: predict, floor, ... share names (cli.program_flags)
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder (MST++ layout). Required.", flag_values=_FLAGS, required=True
+)
+_TRAIN = flags.DEFINE_integer("train", 8, "Number of training scenes.", flag_values=_FLAGS)
+_VALID = flags.DEFINE_integer("valid", 2, "Number of validation scenes.", flag_values=_FLAGS)
+_HEIGHT = flags.DEFINE_integer("height", 482, "Scene height in pixels.", flag_values=_FLAGS)
+_WIDTH = flags.DEFINE_integer("width", 512, "Scene width in pixels.", flag_values=_FLAGS)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the scenes (the same seed writes the same files).", flag_values=_FLAGS
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: `argv` are the arguments (None: sys.argv[1:])."""
+    cli.parse_flags(_FLAGS, argv, __doc__)
     logging.set_verbosity(logging.INFO)
     write_dataset(
-        args.out,
-        num_train=args.train,
-        num_valid=args.valid,
-        height=args.height,
-        width=args.width,
-        seed=args.seed,
+        _OUT.value,
+        num_train=_TRAIN.value,
+        num_valid=_VALID.value,
+        height=_HEIGHT.value,
+        width=_WIDTH.value,
+        seed=_SEED.value,
     )
 
 
 if __name__ == "__main__":
-    cli.run_argparse(main)
+    cli.run(main, flag_values=_FLAGS)
