@@ -9,7 +9,7 @@ Mapping from the original flat keys (config.yaml / code defaults) to this tree:
   seed                              seed
   dataset_source                    data.source  ('arad' | 'synthetic' | 'tfds')
   data_dir / log_dir / checkpoint_dir  data.data_dir / log_dir / checkpoint_dir
-  batch_size, val_batch_size        batch_size, data.val_batch_size
+  batch_size                        batch_size
   patch_size, stride                data.patch_size, data.stride
   num_workers, memory_mode          data.num_workers, data.memory_mode
   (head) lazy_cache_size            data.lazy_cache_size
@@ -19,9 +19,8 @@ Mapping from the original flat keys (config.yaml / code defaults) to this tree:
   n_critic, mixed_precision         n_critic, mixed_precision
   warmup_steps                      optim.warmup_steps
   generator_lr, discriminator_lr    optim.generator_lr, optim.discriminator_lr
-  sinkhorn_epsilon / _iters / _max_points / _kernel_clamp / _force_fp32 / _loss_clip
-                                    sinkhorn.epsilon / iters / max_points / kernel_clamp /
-                                    force_fp32 / loss_clip
+  sinkhorn_epsilon / _iters / _max_points / _loss_clip
+                                    sinkhorn.epsilon / iters / max_points / loss_clip
   use_r1_regularization, r1_gamma   loss.use_r1, loss.r1_gamma
   lambda_rec / _perceptual / _adversarial / _sam
                                     loss.lambda_rec / lambda_perceptual /
@@ -38,8 +37,21 @@ Mapping from the original flat keys (config.yaml / code defaults) to this tree:
                                     discriminator.base_dim / num_heads / num_blocks /
                                     mlp_ratio / dropout
 
+No counterpart here (setting one is refused as an unknown key):
+  val_batch_size         validation predicts one full frame per call, or the tiles of
+                         eval.tile_batch_size (eval.tiled)
+  sinkhorn_kernel_clamp  OTT's log-domain Sinkhorn solver has no kernel to clamp
+  sinkhorn_force_fp32    the losses always run in float32, whatever mixed_precision says
+A checkpoint whose saved config still holds them (data.val_batch_size, sinkhorn.kernel_clamp,
+sinkhorn.force_fp32) restores as before: nothing compares those sections, and `complete`
+drops them.
+
 Not in the original: model.arch picks the generator ('cswin', the original's, or
 'mst_plus_plus', MST++ with its keys in model.mst_plus_plus; see configs/mst_plus_plus.py).
+
+This file holds the only defaults: the code reads every key without a fallback, and a config
+saved by an older version (a checkpoint's) is completed with `complete(saved)`, which fills the
+keys added since from here.
 
 Paths default from the environment: HSI_DATA_DIR (./data/ARAD_1K), HSI_LOG_DIR
 (./artifacts/logs), HSI_CKPT_DIR (./artifacts/checkpoints); the compilation cache from
@@ -47,6 +59,8 @@ JAX_COMPILATION_CACHE_DIR (~/.cache/cswin_jax/xla).
 """
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -105,7 +119,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.excluded_scenes = ["ARAD_1K_0314"]
     c.data.patch_size = 128
     c.data.stride = 8
-    c.data.val_batch_size = 1
     c.data.memory_mode = "standard"  # 'standard' | 'float16' | 'lazy'
     c.data.lazy_cache_size = 3
     c.data.num_workers = 2  # grain worker processes (0 = in-process)
@@ -192,12 +205,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sinkhorn.epsilon = 0.1
     c.sinkhorn.iters = 50
     c.sinkhorn.max_points = 1024
-    c.sinkhorn.kernel_clamp = 60.0
-    c.sinkhorn.force_fp32 = True
     c.sinkhorn.loss_clip = 5.0
-    # Not in the original: the joint max-|value| rescale is floored at 1.0 (the original's
-    # 1e-6 floor amplified gradients ~100x at init) and OTT stops at this marginal error.
+    # Not in the original: the floor of the joint max-|value| rescale of the two clouds. The
+    # original floored at 1e-6, which amplified gradients by 1/scale (about 100x at
+    # initialisation, when the discriminator's logits are ~1e-2) and overflowed fp16; its later
+    # fix floors at 1.0, so small logits are left as they are and only clouds wider than
+    # [-1, 1] are shrunk into it.
     c.sinkhorn.rescale_floor = 1.0
+    # Not in the original: the marginal-error threshold (L1) at which OTT's Sinkhorn stops. On
+    # 1-D clouds in [-1, 1] with epsilon 0.1 it is reached in 10-30 iterations, inside the cap
+    # of sinkhorn.iters. At OTT's default 1e-3 the implicit gradients of 1024-point clouds were
+    # 1.8e-4 (relative to their max) off a float64 oracle; at 1e-5 they are within 6e-6 and
+    # the values within 1e-6.
     c.sinkhorn.threshold = 1e-5
 
     # --- validation / evaluation -------------------------------------------------
@@ -226,3 +245,33 @@ def generator_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config.loss.lambda_sam = 0.0
     config.loss.use_r1 = False
     return config
+
+
+def complete(
+    saved: Mapping[str, Any] | ml_collections.ConfigDict | None,
+) -> ml_collections.ConfigDict:
+    """A saved config (a checkpoint's dict, or a ConfigDict) over the defaults of `get_config()`.
+
+    Keys the saved config lacks (it was written before they existed) get this file's defaults;
+    keys this file no longer has (removed settings such as data.val_batch_size) are dropped;
+    every other value is the saved one, and lists that JSON made of this file's tuples are
+    tuples again. Call it once where a saved config is loaded: the code that reads the result
+    has no fallbacks. A default that changes must keep the behaviour older configs had.
+    """
+    if isinstance(saved, ml_collections.ConfigDict):
+        saved = saved.to_dict()
+    return ml_collections.ConfigDict(_overlay(get_config().to_dict(), saved or {}))
+
+
+def _overlay(defaults: dict, saved: Mapping[str, Any]) -> dict:
+    merged = {}
+    for key, default in defaults.items():
+        if key not in saved:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(saved[key], Mapping):
+            merged[key] = _overlay(default, saved[key])
+        elif isinstance(default, tuple) and isinstance(saved[key], list):
+            merged[key] = tuple(saved[key])
+        else:
+            merged[key] = saved[key]
+    return merged

@@ -45,19 +45,6 @@ CHARBONNIER_EPSILON = 1e-3
 SAM_NORMALIZE_EPS = 1e-6
 SAM_COSINE_CLAMP = 0.999
 MRAE_LOSS_EPS = 1e-3
-ADAPTIVE_RAMP_ITERATIONS = 50000
-
-# Floor of the joint max-|value| rescale of the two clouds. The original floored at 1e-6, which
-# amplified gradients by 1/scale (about 100x at initialisation, when the discriminator's logits
-# are ~1e-2) and overflowed fp16; its later fix floors at 1.0, so small logits are left as they
-# are and only clouds wider than [-1, 1] are shrunk into it. We default to the fix; pass
-# `rescale_floor` (or set `sinkhorn.rescale_floor`) to change it.
-DEFAULT_RESCALE_FLOOR = 1.0
-# Marginal-error threshold (L1) of OTT's Sinkhorn. On 1-D clouds in [-1, 1] with epsilon 0.1 the
-# solver reaches it in 10-30 iterations, inside the default cap of `sinkhorn.iters` (50). At OTT's
-# default 1e-3 the implicit gradients of 1024-point clouds were 1.8e-4 (relative to their max)
-# off a float64 oracle; at 1e-5 they are within 6e-6 and the values within 1e-6.
-DEFAULT_SINKHORN_THRESHOLD = 1e-5
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -177,11 +164,6 @@ def _logits_to_clouds(logits: jax.Array, max_points: int) -> jax.Array:
     return clouds
 
 
-def _sinkhorn_setting(sinkhorn_cfg: Mapping[str, Any], key: str, default: Any) -> Any:
-    getter = getattr(sinkhorn_cfg, "get", None)
-    return getter(key, default) if getter is not None else default
-
-
 def sinkhorn_divergences(
     x_logits: jax.Array,
     y_logits: jax.Array,
@@ -212,19 +194,17 @@ def sinkhorn_divergences(
     of each self-term, so its value depends on the argument order and on the iteration count.
     This is the converged, debiased quantity that loop approximates; on the golden clouds the
     values differ by 3-12 % and the gradients by 12-38 % (relative to their max).
-    `sinkhorn_cfg.kernel_clamp` and `force_fp32` have no counterpart here (the log-domain
+    The original's kernel clamp and fp32 switch have no counterpart here (the log-domain
     solver needs no kernel clamp; everything runs in float32). Non-finite logits are
     not masked: they make the loss non-finite, and the train step skips that update.
 
     Args:
       x_logits: [B, H', W', 1] first clouds (any shape with the batch first).
       y_logits: [B, H'', W'', 1] second clouds (the number of points may differ).
-      sinkhorn_cfg: `config.sinkhorn` (epsilon, iters, max_points; optional rescale_floor,
-        threshold).
-      rescale_floor: floor of the joint scale; None reads `sinkhorn_cfg.rescale_floor`, else
-        `DEFAULT_RESCALE_FLOOR` (1.0).
-      threshold: Sinkhorn marginal-error threshold; None reads `sinkhorn_cfg.threshold`, else
-        `DEFAULT_SINKHORN_THRESHOLD`.
+      sinkhorn_cfg: `config.sinkhorn` (epsilon > 0, iters >= 1, max_points, rescale_floor,
+        threshold; checked by `config_checks.validate_config`).
+      rescale_floor: floor of the joint scale; None reads `sinkhorn_cfg.rescale_floor`.
+      threshold: Sinkhorn marginal-error threshold; None reads `sinkhorn_cfg.threshold`.
 
     Returns:
       (divergence [B] float32, info) with info = {'scale': [B], 'converged': [B] bool (all three
@@ -233,16 +213,10 @@ def sinkhorn_divergences(
     epsilon = float(sinkhorn_cfg.epsilon)
     max_iterations = int(sinkhorn_cfg.iters)
     max_points = int(sinkhorn_cfg.max_points)
-    if epsilon <= 0:
-        raise ValueError(f"sinkhorn.epsilon must be > 0, got {epsilon}")
-    if max_iterations < 1:
-        raise ValueError(f"sinkhorn.iters must be >= 1, got {max_iterations}")
     if rescale_floor is None:
-        rescale_floor = float(
-            _sinkhorn_setting(sinkhorn_cfg, "rescale_floor", DEFAULT_RESCALE_FLOOR)
-        )
+        rescale_floor = float(sinkhorn_cfg.rescale_floor)
     if threshold is None:
-        threshold = float(_sinkhorn_setting(sinkhorn_cfg, "threshold", DEFAULT_SINKHORN_THRESHOLD))
+        threshold = float(sinkhorn_cfg.threshold)
     if x_logits.shape[0] != y_logits.shape[0]:
         raise ValueError(
             f"Sinkhorn clouds need the same batch size, got {x_logits.shape} and {y_logits.shape}"
@@ -428,7 +402,8 @@ def chunked_r1_penalty(
 def adaptive_loss_weights(step: Any, loss_cfg: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Loss weights of the original's `NoiseRobustLoss.get_adaptive_weights`.
 
-    With it = max(step, 0), W = `loss.warmup_iterations`, p = min(1, (it - W) / 50000):
+    With it = max(step, 0), W = `loss.warmup_iterations`, R = `loss.adaptive_ramp_iterations`,
+    p = min(1, (it - W) / R):
       it < W:  rec = l_rec, perc = l_perc * it/W, adv = 0.5 * l_adv * it/W, sam = l_sam * it/W;
       it >= W: rec = l_rec (1 - 0.3 p), perc = l_perc (1 + p), adv = l_adv (1 + 0.5 p),
                sam = l_sam.
@@ -447,9 +422,9 @@ def adaptive_loss_weights(step: Any, loss_cfg: Mapping[str, Any]) -> dict[str, j
     lam_perc = float(loss_cfg.lambda_perceptual)
     lam_adv = float(loss_cfg.lambda_adversarial)
     lam_sam = float(loss_cfg.lambda_sam)
-    lam_mrae = float(loss_cfg.get("lambda_mrae", 0.0))
+    lam_mrae = float(loss_cfg.lambda_mrae)
     warmup = int(loss_cfg.warmup_iterations)
-    ramp = float(loss_cfg.get("adaptive_ramp_iterations", ADAPTIVE_RAMP_ITERATIONS))
+    ramp = float(loss_cfg.adaptive_ramp_iterations)
 
     if not loss_cfg.use_adaptive_weights:
         weights = {"rec": lam_rec, "perc": lam_perc, "adv": lam_adv, "sam": lam_sam}
@@ -516,16 +491,10 @@ def generator_loss(
       mrae, weighted_rec, weighted_perc, weighted_adv, weighted_sam, weighted_mrae and the
       weights weight_rec, weight_perc, weight_adv, weight_sam, weight_mrae.
 
-    Raises:
-      ValueError: `loss.lambda_perceptual > 0` (no feature extractor is available).
+    `config_checks.validate_config` refuses `loss.lambda_perceptual > 0` (no feature extractor
+    is available).
     """
     loss_cfg = config.loss
-    if float(loss_cfg.lambda_perceptual) > 0:
-        raise ValueError(
-            f"config.loss.lambda_perceptual = {loss_cfg.lambda_perceptual}, but no perceptual "
-            "feature extractor is available in cswin_jax (the original shipped none either); "
-            "set loss.lambda_perceptual = 0.0"
-        )
     pred, true = _f32(hsi_pred), _f32(hsi_true)
     weights = adaptive_loss_weights(step, loss_cfg)
 
@@ -534,7 +503,7 @@ def generator_loss(
         "reconstruction": charbonnier(pred, true),
         "perceptual": zero,
         "sam": sam_loss(pred, true),
-        "mrae": mrae_loss(pred, true) if float(loss_cfg.get("lambda_mrae", 0.0)) != 0 else zero,
+        "mrae": mrae_loss(pred, true) if float(loss_cfg.lambda_mrae) != 0 else zero,
     }
     use_adversarial = (
         fake_logits is not None

@@ -49,6 +49,10 @@ import ml_collections
 import optax
 
 from cswin_jax import losses, models
+from cswin_jax.config_checks import (
+    check_training,
+    validate_config,  # noqa: F401  (loop.py imports it from here)
+)
 from cswin_jax.models import discriminator as disc_lib
 
 PyTree = Any
@@ -115,7 +119,7 @@ def step_kinds(config: ml_collections.ConfigDict, start: int, stop: int) -> list
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration checks and optimizers
+# Run length and optimizers (the config checks are `config_checks.validate_config`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -124,65 +128,6 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     if config.optim.total_steps:
         return int(config.optim.total_steps)
     return int(config.epochs * config.iterations_per_epoch)
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Rejects settings the trainer cannot run, naming the key and the fix."""
-
-    def fail(key, msg):
-        raise ValueError(f"config.{key}: {msg}")
-
-    if config.n_critic < 1:
-        fail(
-            "n_critic",
-            f"must be >= 1 (one discriminator step every n_critic generator "
-            f"steps), got {config.n_critic}",
-        )
-    if config.gradient_accumulation_steps < 1:
-        fail(
-            "gradient_accumulation_steps", f"must be >= 1, got {config.gradient_accumulation_steps}"
-        )
-    if config.batch_size < 1:
-        fail("batch_size", f"must be >= 1, got {config.batch_size}")
-    if config.batch_size % num_devices:
-        fail(
-            "batch_size",
-            f"{config.batch_size} is not divisible by the {num_devices} devices "
-            f"of the mesh; use a multiple of {num_devices}",
-        )
-    if config.batch_size % jax.process_count():
-        fail(
-            "batch_size",
-            f"{config.batch_size} is not divisible by the {jax.process_count()} processes",
-        )
-    if total_steps(config) < 1:
-        fail("epochs", "epochs * iterations_per_epoch (or optim.total_steps) must be >= 1")
-    if config.iterations_per_epoch < 1:
-        fail("iterations_per_epoch", f"must be >= 1, got {config.iterations_per_epoch}")
-    if not 0.0 <= config.ema_decay < 1.0:
-        fail("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
-    r1_chunks = config.loss.get("r1_chunks", 1)
-    if r1_chunks < 1 or config.batch_size % r1_chunks:
-        fail("loss.r1_chunks", f"{r1_chunks} must be >= 1 and divide batch_size")
-    if config.model.remat not in ("none", "attention", "block"):
-        fail("model.remat", f"unknown policy {config.model.remat!r}; use none | attention | block")
-    if not config.train_discriminator and not (config.loss.lambda_rec or config.loss.lambda_mrae):
-        fail(
-            "loss.lambda_rec",
-            "generator-only training needs loss.lambda_rec (Charbonnier) or loss.lambda_mrae "
-            "> 0; both are 0",
-        )
-    check_architecture(config)
-
-
-def check_architecture(config: ml_collections.ConfigDict) -> None:
-    """`config.model.arch` is known, and MST++ is trained without the discriminator."""
-    if models.architecture(config.model) == "mst_plus_plus" and config.train_discriminator:
-        raise ValueError(
-            "config.train_discriminator: MST++ (model.arch='mst_plus_plus') is trained "
-            "generator-only; set --config.train_discriminator=False (configs/mst_plus_plus.py "
-            "does)"
-        )
 
 
 def lr_schedule(peak_lr: float, warmup: int, horizon: int, end_lr: float) -> optax.Schedule:
@@ -269,7 +214,7 @@ class Trainer:
     """Builds the models, the optimizers and the pure step functions of one run."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        check_architecture(config)
+        check_training(config)
         self.config = config
         self.gen, self.disc = _models(config)
         self.eval_gen = models.build_generator(config.model, dtype=jnp.float32)
@@ -390,9 +335,8 @@ class Trainer:
                 def logits_fn(rgb_in, h):
                     return self._disc_train(disc_params, sn, rgb_in, h)
 
-                chunks = config.loss.get("r1_chunks", 1)
                 penalty, sn = losses.chunked_r1_penalty(
-                    logits_fn, rgb, hsi, config.loss.r1_gamma, chunks=chunks
+                    logits_fn, rgb, hsi, config.loss.r1_gamma, chunks=config.loss.r1_chunks
                 )
                 penalty = penalty.astype(jnp.float32)
             # Lazy regularisation: applied every `interval` updates, scaled by the interval.

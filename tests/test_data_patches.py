@@ -7,10 +7,11 @@ import gc
 import pathlib
 import pickle
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
+from cswin_jax import config_checks
 from cswin_jax import io as hsi_io
 from cswin_jax.data import arad, patches, synthetic
 
@@ -24,8 +25,11 @@ def scenes(tmp_path_factory):
     return arad.FileScenes(arad.list_scenes(root, "train"))
 
 
-def _data_config(mode="standard", cache=3):
-    return ml_collections.ConfigDict({"memory_mode": mode, "lazy_cache_size": cache})
+def _data_config(**data):
+    """configs/base.py's `config.data` with `data` set in it."""
+    config = base.get_config().data
+    config.update(data)
+    return config
 
 
 def _all_draws(grid):
@@ -94,7 +98,7 @@ def test_same_samples_in_all_memory_modes(scenes):
     draws = _all_draws(grid)[::5]
     out = {
         mode: patches.gather_patches(patches.make_store(scenes, mode, 2), grid, draws, 31)
-        for mode in patches.MEMORY_MODES
+        for mode in config_checks.MEMORY_MODES
     }
     for key in ("rgb", "hsi"):
         np.testing.assert_array_equal(out["lazy"][key], out["standard"][key])
@@ -141,25 +145,25 @@ def test_lazy_window_with_nan_fails_naming_scene(tmp_path):
         patches.make_store(source, "standard")
 
 
-def test_memory_mode_env_overrides_config(monkeypatch):
-    assert patches.resolve_memory_mode(_data_config("float16", 4)) == ("float16", 4)
-    monkeypatch.setenv("MST_MEMORY_MODE", "Lazy")
-    monkeypatch.setenv("MST_LAZY_CACHE_SIZE", "7")
-    assert patches.resolve_memory_mode(_data_config("standard", 3)) == ("lazy", 7)
+def test_choice_keys_ignore_case():
+    config_checks.check_data(_data_config(memory_mode="Lazy", source=" Synthetic"))
+    assert config_checks.choice(" Lazy ") == "lazy"
 
 
-def test_unknown_memory_mode(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown data\.memory_mode 'mmap'.*standard"):
-        patches.resolve_memory_mode(_data_config("mmap"))
-    monkeypatch.setenv("MST_MEMORY_MODE", "disk")
-    with pytest.raises(ValueError, match=r"unknown env MST_MEMORY_MODE 'disk'"):
-        patches.resolve_memory_mode(_data_config())
-    monkeypatch.delenv("MST_MEMORY_MODE")
-    monkeypatch.setenv("MST_LAZY_CACHE_SIZE", "zero")
-    with pytest.raises(
-        ValueError, match=r"MST_LAZY_CACHE_SIZE must be a positive integer, got 'zero'"
-    ):
-        patches.resolve_memory_mode(_data_config("lazy"))
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"memory_mode": "mmap"}, r"unknown data\.memory_mode 'mmap'.*standard"),
+        ({"lazy_cache_size": 0}, r"data\.lazy_cache_size must be a positive integer, got 0"),
+        ({"source": "hf"}, r"unknown data\.source 'hf': use one of \('arad', 'synthetic'"),
+        ({"patch_size": 0}, r"data\.patch_size \(0\) and data\.stride \(8\) must be positive"),
+        ({"stride": -1}, r"data\.stride \(-1\) must be positive"),
+    ],
+)
+def test_bad_data_config_names_the_key_and_the_fix(data, message):
+    """`config_checks.check_data` owns the rules of config.data (the pipeline calls it)."""
+    with pytest.raises(ValueError, match=message):
+        config_checks.check_data(_data_config(**data))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -164,8 +164,14 @@ def test_memory_modes_give_same_batches(data_root, monkeypatch):
         2,
     )
     _assert_same_batches(lazy, standard)
+    # The mode is config.data.memory_mode alone (this variable once overrode it).
     monkeypatch.setenv("MST_MEMORY_MODE", "float16")
-    half = _take(pipeline.create_train_iterator(_config(), data_root, process_count=1), 2)
+    again = _take(pipeline.create_train_iterator(_config(), data_root, process_count=1), 2)
+    _assert_same_batches(again, standard)
+    half = _take(
+        pipeline.create_train_iterator(_config(memory_mode="float16"), data_root, process_count=1),
+        2,
+    )
     for h, s in zip(half, standard, strict=True):
         # float16 storage: relative rounding <= 2**-11.
         np.testing.assert_allclose(h["hsi"], s["hsi"], rtol=2**-11, atol=0)

@@ -23,7 +23,14 @@ from cswin_jax.models import discriminator as disc_lib
 from tests import golden_parity
 
 RTOL, ATOL = 1e-4, 1e-5
-TINY_CONFIG = {"base_dim": 16, "num_heads": 2, "num_blocks": (1, 1, 1), "mlp_ratio": 2.0}
+TINY_CONFIG = {
+    "base_dim": 16,
+    "num_heads": 2,
+    "num_blocks": (1, 1, 1),
+    "mlp_ratio": 2.0,
+    "dropout": 0.0,
+    "remat": False,
+}
 TINY_PARAM_COUNT = 115_127
 DEFAULT_PARAM_COUNT = 2_177_649
 
@@ -66,8 +73,10 @@ class GoldenRun:
         manifest = json.loads((golden_dir / "manifest.json").read_text())
         cfg = manifest["files"][f"discriminator_{name}.npz"]["config"]
         self.manifest_param_count = manifest["files"][f"discriminator_{name}.npz"]["param_count"]
+        # The manifest holds the original's discriminator keys: the rest from configs/base.py.
+        disc_cfg = {k[len("discriminator_") :]: v for k, v in cfg.items()}
         self.model = disc_lib.build_discriminator(
-            {k[len("discriminator_") :]: v for k, v in cfg.items()}
+            base.complete({"discriminator": disc_cfg}).discriminator
         )
         self.rgb, self.hsi = _nhwc(self.z["input/rgb"]), _nhwc(self.z["input/hsi"])
         abstract = jax.eval_shape(
@@ -194,7 +203,7 @@ def test_activations_tiny(golden_tiny):
     ],
 )
 def test_param_count(cfg, expected):
-    model = disc_lib.build_discriminator({**TINY_CONFIG, "dropout": 0.0, **cfg})
+    model = disc_lib.build_discriminator({**TINY_CONFIG, **cfg})
     x = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 31))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *x))
     assert _param_count(shapes["params"]) == expected
@@ -202,7 +211,7 @@ def test_param_count(cfg, expected):
 
 @pytest.fixture(scope="module")
 def fresh_tiny():
-    model = disc_lib.build_discriminator({**TINY_CONFIG, "dropout": 0.0})
+    model = disc_lib.build_discriminator(TINY_CONFIG)
     rgb, hsi = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 31))
     return model, jax.jit(model.init)(jax.random.key(1), rgb, hsi)  # jit: eager init is slower
 

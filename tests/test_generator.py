@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
+from configs.base import complete, get_config
 from cswin_jax.convert import torch_to_flax
 from cswin_jax.models.generator import (
     DualTransformerBlock,
@@ -34,6 +34,13 @@ RTOL, ATOL = 1e-4, 1e-5
 TINY = dict(base_channels=16, split_sizes=(2, 2, 2), num_heads=2, norm_groups=4)
 # Smallest valid width (the spectral attention's GroupNorm(8, C) needs C % 8 == 0).
 MICRO = dict(base_channels=8, split_sizes=(2, 3, 2), num_heads=2, norm_groups=4)
+
+
+def _generator(**model) -> Generator:
+    """The generator of configs/base.py's `config.model` with `model` set in it."""
+    model_cfg = get_config().model
+    model_cfg.update(model)
+    return build_generator(model_cfg)
 
 
 def _nhwc(a):
@@ -57,9 +64,10 @@ def _load_golden(golden_dir, stem):
 
 
 def _model_from_manifest(config, **overrides):
+    """The manifest holds the original's generator keys only: the rest from configs/base.py."""
     cfg = {**config, **overrides}
     cfg["clamp_range"] = cfg.pop("generator_clamp_range")
-    return build_generator(cfg)
+    return build_generator(complete({"model": cfg}).model)
 
 
 def _assert_close(actual, expected, what, rtol=RTOL, atol=ATOL, golden="generator_tiny"):
@@ -97,7 +105,7 @@ def test_param_counts():
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
     assert count(build_generator(get_config().model)) == 13_580_732
-    assert count(Generator(**TINY)) == 895_236
+    assert count(_generator(**TINY)) == 895_236
 
 
 def test_init_matches_pytorch_default_distribution():
@@ -298,16 +306,6 @@ def test_iteration_step_can_be_traced(tiny):
     np.testing.assert_allclose(fn(x, 2), [-1.0, 0.5, 1.0])  # linear, clamp window open
     np.testing.assert_allclose(fn(x, 4), x)  # linear, clamp window closed
     np.testing.assert_allclose(fn(x, 6), jax.nn.sigmoid(x), rtol=1e-6)
-    with pytest.raises(ValueError, match="output_activation"):
-        output_head(
-            x,
-            activation="relu",
-            train=False,
-            step=0,
-            activation_delay_iters=0,
-            clamp_range=1.0,
-            clamp_after_iters=0,
-        )
 
 
 DEFAULT = "generator_default"
@@ -358,7 +356,7 @@ def _random_params(model, rgb, seed=0):
 
 @pytest.fixture(scope="module")
 def micro():
-    model = Generator(**MICRO)
+    model = _generator(**MICRO)
     rgb = np.random.default_rng(1).uniform(size=(2, 11, 13, 3)).astype(np.float32)
     return model, _random_params(model, rgb), rgb
 
@@ -510,7 +508,7 @@ def test_cswin_attention_mode_forward(micro):
 
 
 def test_bad_inputs_raise_clear_errors():
-    model = Generator(**MICRO)
+    model = _generator(**MICRO)
     key = jax.random.PRNGKey(0)
     with pytest.raises(
         ValueError, match=r"expected rgb of shape \[B, H, W, 3\].*found shape \(1, 8, 8, 4\)"
@@ -518,15 +516,36 @@ def test_bad_inputs_raise_clear_errors():
         model.init(key, jnp.zeros((1, 8, 8, 4)))
     with pytest.raises(ValueError, match=r"found shape \(8, 8, 3\)"):
         model.init(key, jnp.zeros((8, 8, 3)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("attention_mode", "swin", "attention_mode: unknown value 'swin'; use one of v2, cswin"),
+        (
+            "output_activation",
+            "relu",
+            "output_activation: unknown value 'relu'; use one of none, sigmoid, tanh, "
+            "delayed_sigmoid",
+        ),
+        ("remat", "all", "remat: unknown value 'all'; use one of none, attention, block"),
+        ("blocks_per_stage", 0, "blocks_per_stage: must be >= 1, got 0"),
+        ("split_sizes", (), "split_sizes: must hold at least one split size, got []"),
+    ],
+)
+def test_bad_model_config_names_the_key_and_the_fix(key, value, message):
+    """`config_checks.check_model`, run by the builder: one line, `config.model.<key>: ...`."""
     cfg = get_config().model
-    cfg.attention_mode = "swin"
-    with pytest.raises(ValueError, match="attention_mode.*'swin'"):
+    cfg[key] = value
+    with pytest.raises(ValueError, match=re.escape(f"config.model.{message}")):
         build_generator(cfg)
-    cfg = get_config().model
-    cfg.output_activation = "relu"
-    with pytest.raises(ValueError, match="output_activation.*'relu'"):
+
+
+def test_builder_reads_every_key_without_fallback():
+    """A config.model without a key is a KeyError (configs/base.py holds the defaults, and a
+    saved config is completed with `configs.base.complete` where it is loaded)."""
+    cfg = get_config().model.to_dict()
+    del cfg["blocks_per_stage"]
+    with pytest.raises(KeyError, match="blocks_per_stage"):
         build_generator(cfg)
-    cfg = get_config().model
-    cfg.remat = "everything"
-    with pytest.raises(ValueError, match="remat"):
-        build_generator(cfg)
+    assert build_generator(complete({"model": cfg}).model).blocks_per_stage == 2

@@ -12,14 +12,15 @@ values only loosely (15 %).
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import get_config
-from cswin_jax import losses, metrics
+from configs.base import complete, get_config
+from cswin_jax import config_checks, losses, metrics
 from tests import golden_parity
 
 ITERATIONS = (0, 2500, 30000, 60000)
@@ -450,12 +451,20 @@ def test_generator_loss_without_discriminator_and_clamp(config):
     np.testing.assert_allclose(float(total), 0.6, rtol=1e-6)  # 0.25 + 2 * 0.5 clamped
 
 
-def test_generator_loss_rejects_perceptual_weight():
-    cfg = get_config()
-    cfg.loss.lambda_perceptual = 0.1
-    target = jnp.zeros((1, 2, 2, 31))
-    with pytest.raises(ValueError, match="lambda_perceptual"):
-        losses.generator_loss(target, target, None, None, 0, cfg)
+def test_config_checks_refuse_loss_settings_the_gan_loss_cannot_use():
+    """`config_checks.validate_config` owns these rules (the loss functions do not check)."""
+    for key, value, message in (
+        ("loss.lambda_perceptual", 0.1, "config.loss.lambda_perceptual: 0.1, but no perceptual"),
+        ("sinkhorn.epsilon", 0.0, "config.sinkhorn.epsilon: must be > 0, got 0.0"),
+        ("sinkhorn.iters", 0, "config.sinkhorn.iters: must be >= 1, got 0"),
+    ):
+        cfg = get_config()
+        section, leaf = key.split(".")
+        cfg[section][leaf] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_checks.validate_config(cfg)
+        cfg.train_discriminator = False  # generator-only: neither the GAN loss nor Sinkhorn
+        config_checks.validate_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -514,9 +523,9 @@ def test_r1_with_discriminator_matches_golden(golden_dir):
     r1_spec = manifest["files"]["losses.npz"]["r1"]
     with np.load(golden_dir / "losses.npz") as archive:
         z = {k: archive[k] for k in archive.files if k.startswith("r1/")}
-    model = build_discriminator(
-        {k[len("discriminator_") :]: v for k, v in r1_spec["config"].items()}
-    )
+    # The manifest holds the original's discriminator keys: the rest from configs/base.py.
+    disc_cfg = {k[len("discriminator_") :]: v for k, v in r1_spec["config"].items()}
+    model = build_discriminator(complete({"discriminator": disc_cfg}).discriminator)
     rgb, hsi = _nhwc(z["r1/input/rgb"]), _nhwc(z["r1/input/hsi"])
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), rgb, hsi, train=False))
     state_dict = {k: v for k, v in z.items() if k.startswith("r1/param/")}
@@ -549,9 +558,9 @@ def test_chunked_r1_equals_whole_batch_r1():
     3.7e-8 on leaves of magnitude ~1e-2)."""
     from cswin_jax.models.discriminator import build_discriminator
 
-    model = build_discriminator(
-        {"base_dim": 8, "num_heads": 2, "num_blocks": (1, 1, 1), "mlp_ratio": 2.0, "dropout": 0.0}
-    )
+    disc_cfg = get_config().discriminator
+    disc_cfg.update(base_dim=8, num_heads=2, num_blocks=(1, 1, 1))
+    model = build_discriminator(disc_cfg)
     rng = np.random.default_rng(0)
     rgb = jnp.asarray(rng.uniform(0, 1, (4, 16, 16, 3)).astype(np.float32))
     hsi = jnp.asarray(rng.uniform(0, 1, (4, 16, 16, 31)).astype(np.float32))

@@ -16,8 +16,8 @@ import pytest
 from flax import traverse_util
 
 from configs import base, mst_plus_plus
-from cswin_jax import convert, inference, loop, models, train
-from cswin_jax.models.mst_plus_plus import MSTPlusPlus, build_mst_plus_plus
+from cswin_jax import config_checks, convert, inference, loop, models, train
+from cswin_jax.models.mst_plus_plus import build_mst_plus_plus
 from tests import golden_parity, train_setup
 
 PARAM_COUNT = 1_619_625
@@ -30,6 +30,14 @@ def assert_names_mst_weights_and_cswin_config(message: str) -> None:
     assert "MST++ generator weights (model.arch='mst_plus_plus')" in message
     assert "this config builds CSWin (model.arch='cswin')" in message
     assert "configs/mst_plus_plus.py" in message
+
+
+def _mst_model_config(**mst):
+    """configs/mst_plus_plus.py's `config.model` (the official MST_Plus_Plus() defaults), with
+    `mst` set in its model.mst_plus_plus section."""
+    model_cfg = mst_plus_plus.get_config().model
+    model_cfg.mst_plus_plus.update(mst)
+    return model_cfg
 
 
 def _count(tree) -> int:
@@ -51,17 +59,14 @@ def _golden_state(golden_dir) -> tuple[dict, np.lib.npyio.NpzFile]:
 def golden_model(golden_dir):
     """(jitted forward, converted golden params, the golden archive)."""
     state, archive = _golden_state(golden_dir)
-    model = MSTPlusPlus()
+    model = build_mst_plus_plus(_mst_model_config())
     params = convert.torch_to_flax(state, {"params": _abstract_params(model)})["params"]
     forward = jax.jit(lambda p, rgb: model.apply({"params": p}, rgb, train=False))
     return forward, params, archive
 
 
 def test_parameter_count():
-    assert _count(_abstract_params(MSTPlusPlus())) == PARAM_COUNT
-    assert _count(_abstract_params(models.build_generator(mst_plus_plus.get_config().model))) == (
-        PARAM_COUNT
-    )
+    assert _count(_abstract_params(models.build_generator(_mst_model_config()))) == PARAM_COUNT
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])  # 64x64, 37x45 (padded to 40x48), 2x32x48
@@ -81,7 +86,7 @@ def test_initialisation_matches_pytorch_defaults(golden_dir):
     by leaf: the same spread (trunc_normal 0.02 on linears, kaiming-uniform on convs with the
     transposed convs' fan-in), the same constants (LayerNorm, rescale, linear biases)."""
     state, _ = _golden_state(golden_dir)
-    model = MSTPlusPlus()
+    model = build_mst_plus_plus(_mst_model_config())
     init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8, 8, 3)))["params"])
     ours = traverse_util.flatten_dict(jax.device_get(init(train._init_key(jax.random.key(1)))))
     torch_init = traverse_util.flatten_dict(
@@ -112,9 +117,7 @@ def test_initialisation_matches_pytorch_defaults(golden_dir):
 def test_odd_and_tiny_sizes():
     """Any H, W: reflect-padded to a multiple of 8 and cropped back, also below 8 pixels; the
     CSWin generator's `train=` / `step=` are accepted and change nothing."""
-    model = build_mst_plus_plus(
-        {"mst_plus_plus": {"stage": 1, "sst_stage": 1, "num_blocks": (1, 1)}}
-    )
+    model = build_mst_plus_plus(_mst_model_config(stage=1, sst_stage=1, num_blocks=(1, 1)))
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     forward = jax.jit(model.apply, static_argnames="train")
     rgb = np.random.default_rng(0).uniform(0, 1, (2, 5, 11, 3)).astype(np.float32)
@@ -130,7 +133,7 @@ def test_odd_and_tiny_sizes():
 
 def test_remat_keeps_the_gradients():
     """`model.remat='block'` recomputes each S-MSA and FFN in the backward pass: memory only."""
-    tiny = {"mst_plus_plus": {"stage": 1, "sst_stage": 1, "num_blocks": (1, 1)}}
+    tiny = _mst_model_config(stage=1, sst_stage=1, num_blocks=(1, 1))
     rgb = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
     plain = build_mst_plus_plus(tiny)
     params = jax.jit(plain.init)(jax.random.key(0), rgb)
@@ -139,7 +142,8 @@ def test_remat_keeps_the_gradients():
         return jax.jit(jax.grad(lambda p: jnp.mean(model.apply(p, rgb) ** 2)))(params)
 
     expected = jax.tree.leaves(gradients(plain))
-    actual = jax.tree.leaves(gradients(build_mst_plus_plus({**tiny, "remat": "block"})))
+    tiny.remat = "block"
+    actual = jax.tree.leaves(gradients(build_mst_plus_plus(tiny)))
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-7)
 
@@ -151,21 +155,25 @@ def test_bad_configs_name_the_fix():
     config = base.get_config()
     config.model.arch = "MST++"
     with pytest.raises(ValueError, match="valid names: cswin, mst_plus_plus"):
-        train.validate_config(config, num_devices=1)
+        config_checks.validate_config(config, num_devices=1)
     config = mst_plus_plus.get_config()
     config.train_discriminator = True
     with pytest.raises(ValueError, match=r"train_discriminator: MST\+\+ .* generator-only"):
-        train.validate_config(config, num_devices=1)
+        config_checks.validate_config(config, num_devices=1)
     with pytest.raises(ValueError, match="train_discriminator"):
         train.Trainer(config)
     config = mst_plus_plus.get_config()
     config.loss.lambda_mrae = 0.0
     with pytest.raises(ValueError, match="lambda_rec.*lambda_mrae"):
-        train.validate_config(config, num_devices=1)
-    with pytest.raises(ValueError, match=r"num_blocks: expected 3 counts"):
-        build_mst_plus_plus({"mst_plus_plus": {"num_blocks": (1, 1)}})
+        config_checks.validate_config(config, num_devices=1)
+    with pytest.raises(ValueError, match=r"mst_plus_plus\.num_blocks: expected 3 counts"):
+        build_mst_plus_plus(_mst_model_config(num_blocks=(1, 1)))
     with pytest.raises(ValueError, match="n_feat must equal model.out_channels"):
-        build_mst_plus_plus({"mst_plus_plus": {"n_feat": 16}})
+        models.build_generator(_mst_model_config(n_feat=16))
+    config = mst_plus_plus.get_config()
+    config.model.remat = "all"
+    with pytest.raises(ValueError, match=r"config\.model\.remat: unknown value 'all'"):
+        config_checks.validate_config(config)
 
 
 def test_architecture_signature_keeps_older_cswin_workdirs():

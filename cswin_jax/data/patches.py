@@ -7,12 +7,12 @@ Geometry follows MST++ but is computed from each image's own size: a scene of H 
 Augmentation (MST++ `arg=True`), identical for RGB and HSI: rot90 by k in {0..3} over (H, W),
 then flip H if vflip, then flip W if hflip.
 
-Memory modes (`data.memory_mode`, overridden by env `MST_MEMORY_MODE`):
+Memory modes (`data.memory_mode`):
   standard  every scene resident as float32.
   float16   every scene resident as float16, each patch cast back to float32 (HSI rounding
             up to ~5e-4 relative).
-  lazy      nothing resident: an LRU of `data.lazy_cache_size` (env `MST_LAZY_CACHE_SIZE`)
-            open scenes per process; HSI patches read from disk by window.
+  lazy      nothing resident: an LRU of `data.lazy_cache_size` open scenes per process; HSI
+            patches read from disk by window.
 """
 
 from __future__ import annotations
@@ -29,33 +29,14 @@ import numpy as np
 from absl import logging
 
 from cswin_jax import io as hsi_io
-
-MEMORY_MODES = ("standard", "float16", "lazy")
-
-
-def resolve_memory_mode(data_config) -> tuple[str, int]:
-    """(memory_mode, lazy_cache_size) from `config.data`, env MST_* taking precedence."""
-    mode = os.environ.get("MST_MEMORY_MODE") or data_config.memory_mode
-    origin = "env MST_MEMORY_MODE" if os.environ.get("MST_MEMORY_MODE") else "data.memory_mode"
-    mode = str(mode).strip().lower()
-    if mode not in MEMORY_MODES:
-        raise ValueError(f"unknown {origin} {mode!r}: use one of {list(MEMORY_MODES)}")
-    cache_env = os.environ.get("MST_LAZY_CACHE_SIZE")
-    raw_size = cache_env if cache_env else data_config.lazy_cache_size
-    try:
-        cache_size = int(raw_size)
-    except (TypeError, ValueError):
-        cache_size = 0
-    if cache_size < 1:
-        origin = "env MST_LAZY_CACHE_SIZE" if cache_env else "data.lazy_cache_size"
-        raise ValueError(f"{origin} must be a positive integer, got {raw_size!r}")
-    return mode, cache_size
+from cswin_jax.config_checks import MEMORY_MODES
 
 
 class PatchGrid:
     """Stride grid over scenes of different sizes.
 
     sizes: (H, W) per scene. Index i -> (scene, top, left) pixel offsets of the patch.
+    patch_size and stride are positive (`config_checks.check_data`).
     """
 
     def __init__(
@@ -65,10 +46,6 @@ class PatchGrid:
         stride: int,
         stems: Sequence[str] | None = None,
     ):
-        if patch_size < 1 or stride < 1:
-            raise ValueError(
-                f"data.patch_size ({patch_size}) and data.stride ({stride}) must be positive"
-            )
         self.patch_size, self.stride = patch_size, stride
         rows, cols = [], []
         for i, (height, width) in enumerate(sizes):
@@ -252,15 +229,16 @@ class LazyStore:
         return opened.rgb[top : top + size, left : left + size], np.ascontiguousarray(hsi)
 
 
-def make_store(scenes, memory_mode: str, lazy_cache_size: int = 3):
-    """The patch store for `memory_mode` ('standard' | 'float16' | 'lazy')."""
+def make_store(scenes, memory_mode: str, lazy_cache_size: int | None = None):
+    """The patch store for `memory_mode` ('standard' | 'float16' | 'lazy'); 'lazy' keeps
+    `lazy_cache_size` scenes open (`data.lazy_cache_size`)."""
     if memory_mode == "standard":
         return ResidentStore(scenes, np.float32)
     if memory_mode == "float16":
         return ResidentStore(scenes, np.float16)
     if memory_mode == "lazy":
         return LazyStore(scenes, lazy_cache_size)
-    raise ValueError(f"unknown data.memory_mode {memory_mode!r}: use one of {list(MEMORY_MODES)}")
+    raise ValueError(f"make_store: unknown memory_mode {memory_mode!r}; use one of {MEMORY_MODES}")
 
 
 class BatchBuffers:

@@ -33,11 +33,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from cswin_jax import config_checks, sharding
 from cswin_jax import io as hsi_io
-from cswin_jax import sharding
 from cswin_jax.data import arad, patches, synthetic
 
-SOURCES = ("arad", "synthetic", "tfds")
 SYNTHETIC_FOLDER = "synthetic_data"
 _DATA_BARRIERS = itertools.count()
 
@@ -50,11 +49,11 @@ class Scene(NamedTuple):
     hsi: np.ndarray | None
 
 
-def _check_source(config) -> str:
-    source = str(config.data.source).strip().lower()
-    if source not in SOURCES:
-        raise ValueError(f"unknown data.source {config.data.source!r}: use one of {SOURCES}")
-    return source
+def _source(config) -> str:
+    """`config.data.source`, the whole `config.data` checked first (`config_checks.check_data`:
+    every entry point of the pipeline passes here or through `train_dataset`)."""
+    config_checks.check_data(config.data)
+    return config_checks.choice(config.data.source)
 
 
 def resolve_data_root(config, workdir: str | pathlib.Path) -> pathlib.Path:
@@ -65,7 +64,7 @@ def resolve_data_root(config, workdir: str | pathlib.Path) -> pathlib.Path:
     tfds:      the prepared `arad1k` TFDS folder (`data.tfds_data_dir`, default
                `<data.data_dir>/tfds`), prepared from `data.data_dir` when absent.
     """
-    source = _check_source(config)
+    source = _source(config)
     return sharding.process_zero_first(
         f"cswin_jax_data_root_{next(_DATA_BARRIERS)}",
         lambda: _prepare_data_root(config, workdir, source),
@@ -107,7 +106,7 @@ def _prepare_data_root(config, workdir, source: str) -> pathlib.Path:
 
 def open_scenes(config, data_root, split: str, *, require_cubes: bool = True):
     """Random-access scenes of `split` for `config.data.source` (files or TFDS records)."""
-    source = _check_source(config)
+    source = _source(config)
     num_bands = config.model.out_channels
     limits = hsi_io.CubeLimits.from_config(config)
     if source == "tfds":
@@ -209,13 +208,14 @@ def train_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     batch = per_host_batch_size(config, process_count)
-    memory_mode, cache_size = patches.resolve_memory_mode(config.data)
+    config_checks.check_data(config.data)
+    memory_mode = config_checks.choice(config.data.memory_mode)
     if scenes is None:
         scenes = open_scenes(config, data_root, "train")
     grid = patches.PatchGrid(
         scenes.sizes, config.data.patch_size, config.data.stride, stems=scenes.stems
     )
-    store = patches.make_store(scenes, memory_mode, cache_size)
+    store = patches.make_store(scenes, memory_mode, config.data.lazy_cache_size)
     num_patches = len(grid)
     even = num_patches - num_patches % process_count
     if even // process_count < batch:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-ARCHITECTURES = ("cswin", "mst_plus_plus")
+from cswin_jax import config_checks
+
 # What each architecture is called in messages.
 ARCHITECTURE_NAMES = {"cswin": "CSWin", "mst_plus_plus": "MST++"}
 # The recipe to name in messages about weights of each architecture.
@@ -20,37 +21,29 @@ RECIPES = {
 }
 # The config section only one architecture reads (dropped from the other's signature).
 _OWN_SECTIONS = {"mst_plus_plus": "mst_plus_plus"}
-
-
-def _get(section: Any, key: str, default: Any = None) -> Any:
-    if section is None:
-        return default
-    if hasattr(section, "get"):
-        return section.get(key, default)
-    return getattr(section, key, default)
+# The architecture of a config saved before `model.arch` existed: CSWin was the only one then
+# (whatever configs/base.py's default for new configs is).
+ARCH_BEFORE_THE_KEY = "cswin"
 
 
 def architecture(model_cfg: Any) -> str:
-    """`model_cfg.arch`, checked ('cswin' when absent: configs written before the key existed).
-
-    Raises ValueError naming the valid architectures for any other value.
-    """
-    arch = _get(model_cfg, "arch", "cswin")
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"config.model.arch: unknown architecture {arch!r}; valid names: "
-            + ", ".join(ARCHITECTURES)
-        )
-    return str(arch)
+    """`model_cfg.arch`, of a run's or a saved config (`ARCH_BEFORE_THE_KEY` when a saved one
+    predates the key, or has no model section). The names are checked by
+    `config_checks.check_model`."""
+    if model_cfg is None:
+        return ARCH_BEFORE_THE_KEY
+    return str(model_cfg.get("arch", ARCH_BEFORE_THE_KEY))
 
 
 def build_generator(model_cfg: Any, dtype: Any = None):
     """The generator `config.model.arch` names, built from `config.model` (compute `dtype`,
-    float32 by default)."""
+    float32 by default). Every key is read, none has a fallback: a config saved before a key
+    existed is completed first (`configs.base.complete`)."""
     import jax.numpy as jnp  # noqa: PLC0415
 
+    config_checks.check_model(model_cfg)
     dtype = jnp.float32 if dtype is None else dtype
-    if architecture(model_cfg) == "mst_plus_plus":
+    if model_cfg["arch"] == "mst_plus_plus":
         from cswin_jax.models import mst_plus_plus  # noqa: PLC0415
 
         return mst_plus_plus.build_mst_plus_plus(model_cfg, dtype=dtype)
@@ -64,7 +57,7 @@ def architecture_signature(model_cfg: Mapping | None) -> dict:
     them, with `arch` filled in and the other architecture's own section dropped (so a CSWin
     config written before MST++ existed matches today's)."""
     model = dict(model_cfg or {})
-    arch = model.get("arch", "cswin")
+    arch = architecture(model)
     model["arch"] = arch
     for other, section in _OWN_SECTIONS.items():
         if other != arch:

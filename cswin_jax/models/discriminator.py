@@ -376,18 +376,19 @@ class DiscriminatorStage(nn.Module):
 class Discriminator(nn.Module):
     """SNTransformerDiscriminator (see the module docstring).
 
-    Fields mirror `config.discriminator`; `dtype` is the compute dtype (bfloat16 under mixed
-    precision), parameters, norms, softmax and the output stay float32.
+    Fields mirror `config.discriminator` (defaults in configs/base.py); `dtype` is the compute
+    dtype (bfloat16 under mixed precision), parameters, norms, softmax and the output stay
+    float32.
     """
 
-    base_dim: int = 64
-    num_heads: int = 8
-    num_blocks: Sequence[int] = (2, 2, 2)
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
+    base_dim: int
+    num_heads: int
+    num_blocks: Sequence[int]
+    mlp_ratio: float
+    dropout: float
+    remat: bool  # recompute each transformer block in the backward pass (memory only)
     rgb_channels: int = RGB_CHANNELS
     hsi_channels: int = HSI_CHANNELS
-    remat: bool = False  # recompute each transformer block in the backward pass (memory only)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -446,14 +447,14 @@ class Discriminator(nn.Module):
 
 def build_discriminator(disc_cfg: Mapping[str, Any], dtype: Dtype = jnp.float32) -> Discriminator:
     """Discriminator from `config.discriminator` (base_dim, num_heads, num_blocks, mlp_ratio,
-    dropout, optional remat: bool); `dtype` is the compute dtype."""
+    dropout, remat: bool); `dtype` is the compute dtype."""
     return Discriminator(
         base_dim=int(disc_cfg["base_dim"]),
         num_heads=int(disc_cfg["num_heads"]),
         num_blocks=tuple(int(b) for b in disc_cfg["num_blocks"]),
         mlp_ratio=float(disc_cfg["mlp_ratio"]),
         dropout=float(disc_cfg["dropout"]),
-        remat=bool(disc_cfg.get("remat", False)),
+        remat=bool(disc_cfg["remat"]),
         dtype=dtype,
     )
 

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cswin_jax import config_checks
 from cswin_jax.models.attention import (
     CSWinAttention,
     CSWinStripeAttention,
@@ -41,10 +42,6 @@ from cswin_jax.models.layers import (
 
 Array = jax.Array
 Dtype = Any
-
-OUTPUT_ACTIVATIONS = ("none", "sigmoid", "tanh", "delayed_sigmoid")
-ATTENTION_MODES = ("v2", "cswin")
-REMAT_POLICIES = ("none", "attention", "block")
 
 
 class DWConvBlock(nn.Module):
@@ -201,10 +198,11 @@ class Resample(nn.Module):
 
 
 def _three_split_sizes(split_sizes: Sequence[int]) -> tuple[int, int, int]:
-    """The original pads a shorter list by repeating its last value and truncates longer ones."""
+    """The original pads a shorter list by repeating its last value and truncates longer ones.
+
+    `split_sizes` holds at least one size (`config_checks.check_model`).
+    """
     sizes = [int(s) for s in split_sizes]
-    if not sizes:
-        raise ValueError("model.split_sizes must hold at least one split size, found []")
     sizes = (sizes + [sizes[-1]] * 3)[:3]
     return sizes[0], sizes[1], sizes[2]
 
@@ -221,13 +219,9 @@ def output_head(
 ) -> Array:
     """The original's output activation and train-only clamp (see `Generator` for `step`).
 
-    x: [B, H, W, C] float32 pre-activation -> same shape.
+    x: [B, H, W, C] float32 pre-activation -> same shape. `activation` is one of
+    `config_checks.OUTPUT_ACTIVATIONS`.
     """
-    if activation not in OUTPUT_ACTIVATIONS:
-        raise ValueError(
-            f"model.output_activation: unknown value {activation!r}, expected one of "
-            f"{OUTPUT_ACTIVATIONS}"
-        )
     step = jnp.asarray(0 if step is None else step)
     if activation == "sigmoid":
         return jax.nn.sigmoid(x)
@@ -246,7 +240,8 @@ def output_head(
 
 
 class Generator(nn.Module):
-    """CSWIN v2 generator. Fields mirror `config.model` (see configs/base.py).
+    """CSWIN v2 generator. Fields mirror `config.model`; their defaults are configs/base.py's
+    (`build_generator(config.model)` builds one, its values checked).
 
     Call: `hsi = model.apply({'params': params}, rgb, train=False, step=None)` with
     rgb: [B, H, W, in_channels] (any H, W >= 2), returns [B, H, W, out_channels] float32.
@@ -273,34 +268,21 @@ class Generator(nn.Module):
     temporaries).
     """
 
-    in_channels: int = 3
-    out_channels: int = 31
-    base_channels: int = 64
-    split_sizes: Sequence[int] = (7, 7, 7)
-    norm_groups: int = 8
-    num_heads: int = 4
-    blocks_per_stage: int = 2
-    output_activation: str = "none"
-    activation_delay_iters: int = 20000
-    clamp_range: float = 10.0
-    clamp_after_iters: int = 0
-    attention_mode: str = "v2"
-    remat: str = "none"
+    in_channels: int
+    out_channels: int
+    base_channels: int
+    split_sizes: Sequence[int]
+    norm_groups: int
+    num_heads: int
+    blocks_per_stage: int
+    output_activation: str
+    activation_delay_iters: int
+    clamp_range: float
+    clamp_after_iters: int
+    attention_mode: str
+    remat: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    def _check_config(self) -> None:
-        for key, value, allowed in (
-            ("output_activation", self.output_activation, OUTPUT_ACTIVATIONS),
-            ("attention_mode", self.attention_mode, ATTENTION_MODES),
-            ("remat", self.remat, REMAT_POLICIES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"model.{key}: unknown value {value!r}, expected one of {allowed}")
-        if int(self.blocks_per_stage) < 1:
-            raise ValueError(f"model.blocks_per_stage must be >= 1, found {self.blocks_per_stage}")
-        if self.param_dtype != jnp.float32:
-            raise ValueError(f"Generator: param_dtype must be float32, found {self.param_dtype}")
 
     def _stage(self, x: Array, name: str, split_size: int) -> Array:
         for index in range(self.blocks_per_stage):
@@ -319,7 +301,8 @@ class Generator(nn.Module):
     @nn.compact
     def __call__(self, rgb: Array, train: bool = False, step: Array | int | None = None) -> Array:
         """rgb: [B, H, W, in_channels] -> hsi [B, H, W, out_channels] float32."""
-        self._check_config()
+        if self.param_dtype != jnp.float32:
+            raise ValueError(f"Generator: param_dtype must be float32, found {self.param_dtype}")
         if rgb.ndim != 4 or rgb.shape[-1] != self.in_channels:
             raise ValueError(
                 f"Generator: expected rgb of shape [B, H, W, {self.in_channels}] (NHWC), "
@@ -366,23 +349,22 @@ class Generator(nn.Module):
 
 
 def build_generator(model_cfg: Any, dtype: Dtype = jnp.float32) -> Generator:
-    """Builds the generator from `config.model` (an ml_collections.ConfigDict or a dict)."""
-    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
-    model = Generator(
-        in_channels=int(get("in_channels", 3)),
-        out_channels=int(get("out_channels", 31)),
-        base_channels=int(get("base_channels", 64)),
-        split_sizes=tuple(int(s) for s in get("split_sizes", (7, 7, 7))),
-        norm_groups=int(get("norm_groups", 8)),
-        num_heads=int(get("num_heads", 4)),
-        blocks_per_stage=int(get("blocks_per_stage", 2)),
-        output_activation=str(get("output_activation", "none")),
-        activation_delay_iters=int(get("activation_delay_iters", 20000)),
-        clamp_range=float(get("clamp_range", 10.0)),
-        clamp_after_iters=int(get("clamp_after_iters", 0)),
-        attention_mode=str(get("attention_mode", "v2")),
-        remat=str(get("remat", "none")),
+    """Builds the generator from `config.model` (an ml_collections.ConfigDict or a dict with
+    every key of configs/base.py's; checked by `config_checks.check_model`)."""
+    config_checks.check_model(model_cfg, "cswin")
+    return Generator(
+        in_channels=int(model_cfg["in_channels"]),
+        out_channels=int(model_cfg["out_channels"]),
+        base_channels=int(model_cfg["base_channels"]),
+        split_sizes=tuple(int(s) for s in model_cfg["split_sizes"]),
+        norm_groups=int(model_cfg["norm_groups"]),
+        num_heads=int(model_cfg["num_heads"]),
+        blocks_per_stage=int(model_cfg["blocks_per_stage"]),
+        output_activation=str(model_cfg["output_activation"]),
+        activation_delay_iters=int(model_cfg["activation_delay_iters"]),
+        clamp_range=float(model_cfg["clamp_range"]),
+        clamp_after_iters=int(model_cfg["clamp_after_iters"]),
+        attention_mode=str(model_cfg["attention_mode"]),
+        remat=str(model_cfg["remat"]),
         dtype=dtype,
     )
-    model._check_config()
-    return model

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cswin_jax import config_checks
 from cswin_jax.models.layers import (
     Conv2d,
     DepthwiseConv3x3,
@@ -52,7 +53,6 @@ from cswin_jax.models.layers import (
 Array = jax.Array
 Dtype = Any
 
-REMAT_POLICIES = ("none", "attention", "block")
 # The official forward pads to a multiple of 8 whatever the depth (4 would do for 2 levels).
 PAD_MULTIPLE = 8
 
@@ -260,45 +260,22 @@ class MSTPlusPlus(nn.Module):
     `remat`: 'none', 'attention' or 'block' (see `SpectralAttentionBlocks`), memory only.
     """
 
-    in_channels: int = 3
-    out_channels: int = 31
-    n_feat: int = 31
-    stage: int = 3
-    sst_stage: int = 2
-    num_blocks: Sequence[int] = (1, 1, 1)
-    remat: str = "none"
+    in_channels: int
+    out_channels: int
+    n_feat: int
+    stage: int
+    sst_stage: int
+    num_blocks: Sequence[int]
+    remat: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    def _check_config(self) -> None:
-        where = "model.mst_plus_plus"
-        if self.n_feat < 1 or self.stage < 1 or self.sst_stage < 1:
-            raise ValueError(
-                f"{where}: n_feat, stage and sst_stage must be >= 1, found "
-                f"{self.n_feat}, {self.stage}, {self.sst_stage}"
-            )
-        if len(self.num_blocks) != self.sst_stage + 1 or min(self.num_blocks) < 1:
-            raise ValueError(
-                f"{where}.num_blocks: expected {self.sst_stage + 1} counts >= 1 (one per encoder "
-                f"level, then the bottleneck), found {tuple(self.num_blocks)}"
-            )
-        if self.out_channels != self.n_feat:
-            raise ValueError(
-                f"{where}.n_feat: the output adds conv_in's features, so n_feat must equal "
-                f"model.out_channels ({self.out_channels}), found {self.n_feat}"
-            )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"model.remat: unknown value {self.remat!r}, expected one of {REMAT_POLICIES}"
-            )
-        if self.param_dtype != jnp.float32:
-            raise ValueError(f"MSTPlusPlus: param_dtype must be float32, found {self.param_dtype}")
 
     @nn.compact
     def __call__(self, rgb: Array, train: bool = False, step: Array | int | None = None) -> Array:
         """rgb: [B, H, W, in_channels] -> hsi [B, H, W, out_channels] float32."""
         del train, step
-        self._check_config()
+        if self.param_dtype != jnp.float32:
+            raise ValueError(f"MSTPlusPlus: param_dtype must be float32, found {self.param_dtype}")
         if rgb.ndim != 4 or rgb.shape[-1] != self.in_channels:
             raise ValueError(
                 f"MSTPlusPlus: expected rgb of shape [B, H, W, {self.in_channels}] (NHWC), "
@@ -329,25 +306,17 @@ class MSTPlusPlus(nn.Module):
 
 
 def build_mst_plus_plus(model_cfg: Any, dtype: Dtype = jnp.float32) -> MSTPlusPlus:
-    """Builds MST++ from `config.model` (its `mst_plus_plus` section; a ConfigDict or dict)."""
-
-    def get(section, key, default):
-        if section is None:
-            return default
-        if hasattr(section, "get"):
-            return section.get(key, default)
-        return getattr(section, key, default)
-
-    mst_cfg = get(model_cfg, "mst_plus_plus", None)
-    model = MSTPlusPlus(
-        in_channels=int(get(model_cfg, "in_channels", 3)),
-        out_channels=int(get(model_cfg, "out_channels", 31)),
-        n_feat=int(get(mst_cfg, "n_feat", 31)),
-        stage=int(get(mst_cfg, "stage", 3)),
-        sst_stage=int(get(mst_cfg, "sst_stage", 2)),
-        num_blocks=tuple(int(n) for n in get(mst_cfg, "num_blocks", (1, 1, 1))),
-        remat=str(get(model_cfg, "remat", "none")),
+    """Builds MST++ from `config.model` and its `mst_plus_plus` section (a ConfigDict or a dict
+    with every key of configs/base.py's; checked by `config_checks.check_model`)."""
+    config_checks.check_model(model_cfg, "mst_plus_plus")
+    mst_cfg = model_cfg["mst_plus_plus"]
+    return MSTPlusPlus(
+        in_channels=int(model_cfg["in_channels"]),
+        out_channels=int(model_cfg["out_channels"]),
+        n_feat=int(mst_cfg["n_feat"]),
+        stage=int(mst_cfg["stage"]),
+        sst_stage=int(mst_cfg["sst_stage"]),
+        num_blocks=tuple(int(n) for n in mst_cfg["num_blocks"]),
+        remat=str(model_cfg["remat"]),
         dtype=dtype,
     )
-    model._check_config()
-    return model
