@@ -407,14 +407,15 @@ def load_generator(
     Returns:
       (apply_fn `[N, h, w, 3] -> [N, h, w, 31]` float32, the run's config dict).
     """
-    import ml_collections
-
+    from configs import base
     from cswin_jax import checkpoint, models
 
-    params, _, config_dict = checkpoint.restore_model_variables(checkpoint_dir, use_ema=use_ema)
-    config = ml_collections.ConfigDict(config_dict)
-    if "model" not in config:
+    params, _, saved = checkpoint.restore_model_variables(checkpoint_dir, use_ema=use_ema)
+    if "model" not in saved:
         raise ValueError(f"{checkpoint_dir}: the checkpoint's config has no 'model' section")
+    # Keys added since the checkpoint was written get configs/base.py's defaults.
+    config = base.complete(saved)
+    config_dict = config.to_dict()
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
     model = models.build_generator(config.model, dtype=jnp.dtype(dtype))

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from cswin_jax import checkpoint as ckpt_lib
 from cswin_jax import cli, inference, metrics, models, scoring, sharding
+from cswin_jax.config_checks import validate_config
 from cswin_jax.data import pipeline
 from cswin_jax.train import (
     StepKind,
@@ -35,7 +36,6 @@ from cswin_jax.train import (
     step_kind,
     step_kinds,
     total_steps,
-    validate_config,
 )
 
 

@@ -49,10 +49,7 @@ import ml_collections
 import optax
 
 from cswin_jax import losses, models
-from cswin_jax.config_checks import (
-    check_training,
-    validate_config,  # noqa: F401  (loop.py imports it from here)
-)
+from cswin_jax.config_checks import check_training
 from cswin_jax.models import discriminator as disc_lib
 
 PyTree = Any

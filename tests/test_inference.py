@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from stand_in_models import BANDS, conv_model, pointwise_model
 
+from configs import base
 from cswin_jax import inference
 from tests import golden_parity
 
@@ -246,7 +247,7 @@ def tiny_generator_apply(golden_dir):
     manifest = json.loads((golden_dir / "manifest.json").read_text())
     model_cfg = dict(manifest["files"]["generator_tiny.npz"]["config"])
     model_cfg["clamp_range"] = model_cfg.pop("generator_clamp_range")
-    model = build_generator(model_cfg)
+    model = build_generator(base.complete({"model": model_cfg}).model)
     archive = np.load(golden_dir / "generator_tiny.npz")
     torch_params = {k: archive[k] for k in archive.files if k.startswith("param/")}
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import loop, sharding, train
+from cswin_jax import config_checks, loop, sharding, train
 from tests import train_setup
 from tests.train_setup import make_batch, tiny_config
 
@@ -201,7 +201,7 @@ def test_invalid_config_is_rejected(key, value, match):
         node = node[name]
     node[leaf] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config, num_devices=8)
+        config_checks.validate_config(config, num_devices=8)
 
 
 _TWO_PROCESS_SCRIPT = textwrap.dedent(
