@@ -29,14 +29,13 @@ import math
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cswin_jax import cli, inference, models
-from cswin_jax.models import attention, generator, mst_plus_plus
+from cswin_jax.models import generator, mst_plus_plus
 
 FORMATS = ("onnx", "stablehlo")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -60,15 +59,6 @@ def size_unit(model_cfg: Mapping) -> int:
 def dynamic_shape(unit: int) -> Shape:
     """[n, unit * h, unit * w, 3] with symbolic n, h, w >= 1."""
     return jax.export.symbolic_shape(f"n, {unit}*h, {unit}*w, 3")
-
-
-@contextlib.contextmanager
-def _whole_attention():
-    """CSWin attention runs in chunks of rows above a logits size, a test that symbolic sizes
-    cannot decide; symbolic exports compute it in one piece. The numbers are the same (the
-    chunks only bound memory), the memory of the logits grows as N * H * W * max(H, W)."""
-    with mock.patch.object(attention, "_chunked_attention", attention._softmax_attention):
-        yield
 
 
 MEAN_BLOCK = 256
@@ -197,8 +187,7 @@ def export_model(
         split_long_means(model)
         out.write_bytes(model.SerializeToString())
     else:
-        with _whole_attention() if symbolic else contextlib.nullcontext():
-            exported = jax.export.export(jax.jit(apply_fn), platforms=tuple(platforms))(rgb)
+        exported = jax.export.export(jax.jit(apply_fn), platforms=tuple(platforms))(rgb)
         out.write_bytes(exported.serialize())
     return out
 

@@ -140,10 +140,12 @@ def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: 
 
 def _chunked_attention(q: Array, k: Array, v: Array, bias: Array, scale: float) -> Array:
     """`_softmax_attention` with a bias shared by all sequences, run in sequential chunks of
-    sequences when the logits would be large (memory only; numerically identical)."""
+    sequences when the logits would be large (memory only; numerically identical). Symbolic
+    sizes (a `jax.export` with any height and width) cannot decide the chunking: in one piece."""
     num_seq, heads, length, _ = q.shape
     per_seq = heads * length * length
-    if num_seq * per_seq <= _CHUNK_ABOVE_LOGITS:
+    logits = num_seq * per_seq
+    if not isinstance(logits, int) or logits <= _CHUNK_ABOVE_LOGITS:
         return _softmax_attention(q, k, v, bias, scale)
     chunk = max(1, _MAX_LOGITS_PER_CHUNK // per_seq)
 
