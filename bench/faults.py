@@ -19,6 +19,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from cswin_jax import cli
 from tests import fault_campaign  # noqa: E402
 
 _KILLS = flags.DEFINE_integer("kills", 10, "How many times to SIGKILL the run.")
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

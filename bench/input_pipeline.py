@@ -18,9 +18,10 @@ import os
 import pathlib
 import time
 
-from absl import app, flags
+from absl import flags
 
 from configs import base
+from cswin_jax import cli
 from cswin_jax.data import pipeline, synthetic
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/cswin_bench_data", "synthetic set (cached)")
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from cswin_jax import cli
+
 _MINUTES = flags.DEFINE_float("minutes", 10.0, "training minutes per recipe (steps x step time)")
 _RECIPES = flags.DEFINE_list(
     "recipes",
@@ -236,4 +238,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -37,7 +37,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import cswin_jax
-from cswin_jax import losses, train
+from cswin_jax import cli, losses, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH = flags.DEFINE_integer("batch", 2, "patches per micro-batch")
@@ -166,4 +166,4 @@ def main(argv):
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    app.run(main)
+    cli.run(main)

@@ -21,11 +21,11 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 import cswin_jax
-from cswin_jax import train
+from cswin_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["2", "20"], "batch sizes to time")
@@ -160,4 +160,4 @@ def main(argv):
 
 if __name__ == "__main__":
     cswin_jax.restart_with_huge_pages()
-    app.run(main)
+    cli.run(main)
