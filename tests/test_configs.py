@@ -8,6 +8,7 @@ import pytest
 
 from configs import base, gan, mst_plus_plus, optimized, quickstart
 from cswin_jax import config_checks, models, train
+from tests.train_setup import tiny_config
 
 # The original trainer's flat keys and defaults (issue #2 item 8), with where each lives here
 # (val_batch_size, sinkhorn_kernel_clamp and sinkhorn_force_fp32 have none: REMOVED_KEYS).
@@ -245,3 +246,23 @@ def test_validate_config_names_the_key_and_the_fix(key, value, message):
         config_checks.check_training(config)
     else:
         config_checks.check_data(config.data)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("n_critic", 0, "n_critic"),
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps"),
+        ("batch_size", 6, "not divisible by the 8 devices"),
+        ("loss.r1_chunks", 3, "r1_chunks: 3 must be >= 1 and divide batch_size"),
+    ],
+)
+def test_invalid_config_is_rejected(key, value, match):
+    config = tiny_config()
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        config_checks.validate_config(config, num_devices=8)

@@ -1,5 +1,6 @@
-"""Tests for cswin_jax/train.py and loop.py: the GAN step on 1 and 8 devices, skipping,
-resume, signals, config checks.
+"""Tests for cswin_jax/train.py and loop.py, in four sections: the GAN step on 1 and 8 devices;
+several processes; the loop (resume, signals, non-finite steps); the weights and configs it is
+given. The config value checks are in test_configs.py.
 
 The slow tests here compile whole GAN steps (minutes each on 2 CPU cores, almost all XLA
 compile time). The README's test command (`--dist loadfile`, `tests/conftest.py` ordering)
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import config_checks, loop, sharding, train
+from cswin_jax import loop, sharding, train
 from tests import train_setup
 from tests.train_setup import make_batch, tiny_config
 
@@ -54,6 +55,9 @@ def tiny_trainer():
 @pytest.fixture(scope="module")
 def one_device_run(tiny_trainer):
     return train_setup.one_device_run(tiny_trainer)
+
+
+# --- the train step: one and eight devices, skipped steps, schedules --------------------------
 
 
 @SLOW
@@ -184,24 +188,7 @@ def test_lr_schedule_warmup_and_floor():
     np.testing.assert_allclose(sched(50_000), 1e-6, rtol=1e-4)  # horizon clipped
 
 
-@pytest.mark.parametrize(
-    "key,value,match",
-    [
-        ("n_critic", 0, "n_critic"),
-        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps"),
-        ("batch_size", 6, "not divisible by the 8 devices"),
-        ("loss.r1_chunks", 3, "r1_chunks: 3 must be >= 1 and divide batch_size"),
-    ],
-)
-def test_invalid_config_is_rejected(key, value, match):
-    config = tiny_config()
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    node[leaf] = value
-    with pytest.raises(ValueError, match=match):
-        config_checks.validate_config(config, num_devices=8)
+# --- several processes: agreement, preemption, clean exits ------------------------------------
 
 
 _TWO_PROCESS_SCRIPT = textwrap.dedent(
@@ -388,6 +375,9 @@ def test_a_run_that_raises_leaves_no_child_process(tmp_path, monkeypatch):
     assert _child_processes() - before == set()
 
 
+# --- the loop: resume, signals, non-finite steps ------------------------------------------------
+
+
 def _params_of(workdir):
     gen, _, _ = ckpt_lib.restore_model_variables(
         pathlib.Path(workdir) / "checkpoints" / "train", use_ema=False
@@ -519,6 +509,9 @@ def test_loop_stops_after_max_consecutive_nonfinite(tmp_path, monkeypatch):
     _nan_batches(monkeypatch, lambda call: True)
     with pytest.raises(FloatingPointError, match="max_consecutive_nonfinite=2"):
         loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+# --- weights and configs the loop is given: checkpoints of other architectures, init_from -------
 
 
 def _toy_state():
