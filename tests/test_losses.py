@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs.base import complete, get_config
-from cswin_jax import config_checks, losses, metrics
+from cswin_jax import config_checks, losses, metrics, sinkhorn
 from tests import golden_parity
 
 ITERATIONS = (0, 2500, 30000, 60000)
@@ -112,7 +112,7 @@ def _oracle_losses(fake: np.ndarray, real: np.ndarray, max_points: int, floor: f
     """Oracle per-sample divergences and the loss gradients w.r.t. the [B, H, W, 1] maps."""
     batch = fake.shape[0]
     flat_fake, flat_real = fake.reshape(batch, -1), real.reshape(batch, -1)
-    idx = losses.cap_indices(flat_fake.shape[1], max_points)
+    idx = sinkhorn.cap_indices(flat_fake.shape[1], max_points)
     values = np.zeros(batch)
     grad_gen_fake = np.zeros(flat_fake.shape)
     grad_disc_real = np.zeros(flat_real.shape)
@@ -165,7 +165,7 @@ def adversarial_fns(config):
             lambda r, f: losses.discriminator_sinkhorn_loss(r, f, sinkhorn_cfg), argnums=(0, 1)
         )
     )
-    divergences = jax.jit(lambda x, y: losses.sinkhorn_divergences(x, y, sinkhorn_cfg))
+    divergences = jax.jit(lambda x, y: sinkhorn.sinkhorn_divergences(x, y, sinkhorn_cfg))
     return {"gen": gen, "disc": disc, "divergences": divergences}
 
 
@@ -266,11 +266,11 @@ def test_cap_indices_match_golden_and_round_half_to_even(golden):
     """Capping 1600 -> 1024 points reproduces the original's indices exactly; ties round to
     even like torch.round (linspace(0, 5, 3) = [0, 2.5, 5] -> [0, 2, 5])."""
     np.testing.assert_array_equal(
-        losses.cap_indices(1600, 1024), golden["debug/main_capped/cap_indices"]
+        sinkhorn.cap_indices(1600, 1024), golden["debug/main_capped/cap_indices"]
     )
-    np.testing.assert_array_equal(losses.cap_indices(6, 3), [0, 2, 5])
-    np.testing.assert_array_equal(losses.cap_indices(64, 1024), np.arange(64))
-    np.testing.assert_array_equal(losses.cap_indices(64, 0), np.arange(64))
+    np.testing.assert_array_equal(sinkhorn.cap_indices(6, 3), [0, 2, 5])
+    np.testing.assert_array_equal(sinkhorn.cap_indices(64, 1024), np.arange(64))
+    np.testing.assert_array_equal(sinkhorn.cap_indices(64, 0), np.arange(64))
 
 
 @pytest.mark.parametrize("case", ["main", "main_capped"])
@@ -336,8 +336,8 @@ def test_rescale_floor_is_configurable(config):
     y = 0.5 * x + 0.005
     fn = jax.jit(
         lambda x, y: (
-            losses.sinkhorn_divergences(x, y, config.sinkhorn)[1]["scale"],
-            losses.sinkhorn_divergences(x, y, config.sinkhorn, rescale_floor=1e-6)[1]["scale"],
+            sinkhorn.sinkhorn_divergences(x, y, config.sinkhorn)[1]["scale"],
+            sinkhorn.sinkhorn_divergences(x, y, config.sinkhorn, rescale_floor=1e-6)[1]["scale"],
         )
     )
     default_scale, seed_scale = fn(x, y)
