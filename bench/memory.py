@@ -10,7 +10,7 @@ a train-mode discriminator; then the discriminator forward and backward on real 
 fake batches (softplus GAN loss); Adam updates for both, with parameters and optimizer states
 donated. Batch 20 is one micro-batch (the default recipe's gradient accumulation 2 uses 10).
 
-`--trainer` analyses the trainer's own step instead (`Trainer.train_step` of the config: the
+`--trainer` analyses the trainer's own step instead (`train.train_step` of the config: the
 Sinkhorn divergences, R1 (the program of R1 steps), EMA, non-finite skips), per policy and per
 `loss.r1_chunks`. Measured on 2 CPU cores, configs/gan.py, batch 20, block (XLA temp / peak,
 GiB): r1_chunks 1: 32.05 / 32.32 (the step then fails to allocate on a 24 GiB machine);
@@ -83,7 +83,7 @@ _RESIDUALS_ONLY = flags.DEFINE_bool(
 )
 _TRAINER = flags.DEFINE_bool(
     "trainer", False,
-    "analyse Trainer.train_step of the config (Sinkhorn, R1, EMA; compute dtype from "
+    "analyse train.train_step of the config (Sinkhorn, R1, EMA; compute dtype from "
     "config.mixed_precision) instead of the simplified step",
 )  # fmt: skip
 _R1_CHUNKS = flags.DEFINE_string(
@@ -213,24 +213,24 @@ def compiled_memory(compiled, compile_s: float) -> dict:
 
 
 def analyse_trainer(config, policy: str, batch: int, patch: int):
-    """XLA's memory analysis of the trainer's own step with R1 (`Trainer.train_step` of the
+    """XLA's memory analysis of the trainer's own step with R1 (`train.train_step` of the
     R1 step kind: Sinkhorn divergences, R1, EMA, non-finite skips), one micro-batch: the
     larger of the loop's two programs."""
-    from cswin_jax import train  # noqa: PLC0415
+    from cswin_jax import schedule, train  # noqa: PLC0415
 
     config.model.remat = policy
     config.batch_size = batch
     config.data.patch_size = patch
     config.gradient_accumulation_steps = 1
-    trainer = train.Trainer(config)
-    state = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    setup = train.make_setup(config)
+    state = jax.eval_shape(functools.partial(train.init_state, setup), jax.random.key(0))
     shape = (1, batch, patch, patch)
     data = {
         "rgb": jax.ShapeDtypeStruct((*shape, config.model.in_channels), jnp.float32),
         "hsi": jax.ShapeDtypeStruct((*shape, config.model.out_channels), jnp.float32),
     }
     start = time.perf_counter()
-    step = functools.partial(trainer.train_step, kind=train.StepKind(True, True))
+    step = functools.partial(train.train_step, setup, kind=schedule.StepKind(True, True))
     compiled = jax.jit(step, donate_argnums=(0,)).lower(state, data).compile()
     return compiled_memory(compiled, time.perf_counter() - start)
 
@@ -258,7 +258,7 @@ def main(argv) -> None:
     if _TRAINER.value:
         config.mixed_precision = _DTYPE.value == "bfloat16"
         columns = ["XLA temp", "argument", "output", "alias", "code MiB", "XLA peak", "compile s"]
-        print("Trainer.train_step (one micro-batch):")
+        print("train.train_step (one micro-batch):")
         print(f"{'G remat':<10s}{'r1_chunks':>10s}" + "".join(f"{c:>12s}" for c in columns))
         for policy in _POLICIES.value.split(","):
             for chunks in map(int, _R1_CHUNKS.value.split(",")):

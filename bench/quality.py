@@ -106,14 +106,14 @@ def on_files(config, data_root: pathlib.Path):
 
 def step_seconds(config, num_steps: int) -> tuple[float, float]:
     """(compile seconds, seconds per training step) of `config`'s steps: each kind of step
-    (`train.step_kind`: with or without R1) timed, weighted by how often the schedule runs it."""
-    from cswin_jax import loop, sharding, train  # noqa: PLC0415
+    (`schedule.step_kind`: with or without R1) timed, weighted by how often the schedule runs it."""
+    from cswin_jax import programs, schedule, sharding  # noqa: PLC0415
 
     mesh = sharding.make_mesh()
     start = time.perf_counter()
-    programs = loop.compiled_programs(config, mesh)
+    compiled = programs.compiled_programs(config, mesh)
     compile_s = time.perf_counter() - start
-    state = programs.init_fn(jax.random.key(config.seed))
+    state = compiled.init_fn(jax.random.key(config.seed))
     p = config.data.patch_size
     shape = (config.gradient_accumulation_steps, config.batch_size, p, p)
     rng = np.random.default_rng(0)
@@ -121,11 +121,11 @@ def step_seconds(config, num_steps: int) -> tuple[float, float]:
         "rgb": rng.uniform(0, 1, (*shape, config.model.in_channels)).astype(np.float32),
         "hsi": rng.uniform(0.01, 1, (*shape, config.model.out_channels)).astype(np.float32),
     }
-    batch = jax.device_put(batch, programs.batch_sharding)
+    batch = jax.device_put(batch, compiled.batch_sharding)
     period = max(1, config.n_critic) * max(1, config.loss.r1_interval)
-    share = collections.Counter(train.step_kind(config, s) for s in range(period))
+    share = collections.Counter(schedule.step_kind(config, s) for s in range(period))
     seconds = 0.0
-    for kind, step_fn in programs.step_fns.items():
+    for kind, step_fn in compiled.step_fns.items():
         times = []
         for _ in range(num_steps + 1):  # the first run pays one-time costs
             t0 = time.perf_counter()
@@ -133,15 +133,15 @@ def step_seconds(config, num_steps: int) -> tuple[float, float]:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
         seconds += share[kind] / period * float(np.median(times[1:]))
-    loop.clear_compiled_programs()
+    programs.clear_compiled_programs()
     return compile_s, seconds
 
 
 def final_validation(workdir: pathlib.Path, step: int) -> dict:
     """The loop's validation metrics (EMA weights, full frames) at `step`, from TensorBoard."""
-    from cswin_jax import viz  # noqa: PLC0415
+    from cswin_jax import tensorboard_events  # noqa: PLC0415
 
-    scalars = viz.read_scalars(workdir)
+    scalars = tensorboard_events.read_scalars(workdir)
     return {
         tag.removeprefix("val/"): dict(points)[step]
         for tag, points in scalars.items()
@@ -150,7 +150,7 @@ def final_validation(workdir: pathlib.Path, step: int) -> dict:
 
 
 def run_recipe(spec: str, data_root: pathlib.Path, out: pathlib.Path) -> dict:
-    from cswin_jax import loop  # noqa: PLC0415
+    from cswin_jax import loop, programs  # noqa: PLC0415
 
     config = on_files(apply_overrides(load_recipe(spec), _OVERRIDES.value), data_root)
     compile_s, seconds = step_seconds(config, _TIMED_STEPS.value)
@@ -169,7 +169,7 @@ def run_recipe(spec: str, data_root: pathlib.Path, out: pathlib.Path) -> dict:
     start = time.perf_counter()
     loop.train_and_evaluate(config, str(workdir))
     run_s = time.perf_counter() - start
-    loop.clear_compiled_programs()
+    programs.clear_compiled_programs()
     means = final_validation(workdir, steps)
     if not _KEEP_RUNS.value:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -14,10 +14,10 @@ Parts (one micro-batch of `--batch` patches of `data.patch_size`, the recipe's d
   r1_fwd_rev   the same gradient as a forward-over-reverse Hessian-vector product
   r1_cond      the same as r1 inside a `lax.cond` with a true predicate (why the trainer compiles
                one program per step kind instead of branching inside one)
-  gen_step     `Trainer.generator_step` (G, D(real), D(fake) for G, Adam, EMA)
-  disc_step    `Trainer.discriminator_step` without R1 (D(real), D(fake), Sinkhorn, Adam)
+  gen_step     `train.generator_step` (G, D(real), D(fake) for G, Adam, EMA)
+  disc_step    `train.discriminator_step` without R1 (D(real), D(fake), Sinkhorn, Adam)
   disc_step_r1 the same with R1
-  train_step   `Trainer.train_step` without R1, and `train_step_r1` with it
+  train_step   `train.train_step` without R1, and `train_step_r1` with it
 
 Prints per part: compile seconds, the median run time over `--repeats` runs after one warm-up,
 and XLA's temporary memory for it. The parts overlap (a step contains its parts), so they do
@@ -37,7 +37,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import cswin_jax
-from cswin_jax import cli, losses, train
+from cswin_jax import cli, losses, schedule, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH = flags.DEFINE_integer("batch", 2, "patches per micro-batch")
@@ -87,16 +87,16 @@ def main(argv):
     unknown = set(_PARTS.value) - set(PARTS)
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
-    trainer = train.Trainer(config)
-    state = jax.jit(trainer.init_state)(jax.random.key(0))
-    plain, with_r1 = train.PLAIN_STEP, train.StepKind(True, True)
-    d_step = trainer.discriminator_step
+    setup = train.make_setup(config)
+    state = jax.jit(functools.partial(train.init_state, setup))(jax.random.key(0))
+    plain, with_r1 = schedule.PLAIN_STEP, schedule.StepKind(True, True)
+    d_step = functools.partial(train.discriminator_step, setup)
     b, p = _BATCH.value, config.data.patch_size
     rng = np.random.default_rng(0)
     rgb = jnp.asarray(rng.uniform(0, 1, (b, p, p, 3)), jnp.float32)
     hsi = jnp.asarray(rng.uniform(0, 1, (b, p, p, 31)), jnp.float32)
     batch = {"rgb": rgb[None], "hsi": hsi[None]}
-    gen = trainer.gen
+    gen = setup.gen
     gp, dp, sn = state.gen_params, state.disc_params, state.disc_spectral_norm
     print(
         f"devices {jax.devices()}; batch {b}, patch {p}, mixed_precision={config.mixed_precision}, "
@@ -105,13 +105,13 @@ def main(argv):
     )
 
     def g_forward(params):
-        return gen.apply({"params": params}, rgb, train=True, step=state.step)
+        return gen.apply({"params": params}, rgb, train=True, step=state.gen_updates)
 
     def g_loss(params):
         return losses.charbonnier(g_forward(params).astype(jnp.float32), hsi)
 
     def d_logits(params, sn_state, h):
-        return trainer._disc_train(params, sn_state, rgb, h)
+        return train._disc_train(setup, params, sn_state, rgb, h)
 
     def d_sum(params):
         logits, _ = d_logits(params, sn, hsi)
@@ -153,11 +153,15 @@ def main(argv):
         "r1": (r1_grad, dp),
         "r1_cond": (r1_cond_grad, dp, jnp.bool_(True)),
         "r1_fwd_rev": (r1_fwd_rev_grad, dp),
-        "gen_step": (trainer.generator_step, state, batch),
+        "gen_step": (functools.partial(train.generator_step, setup), state, batch),
         "disc_step": (functools.partial(d_step, kind=plain), state, batch, fake),
         "disc_step_r1": (functools.partial(d_step, kind=with_r1), state, batch, fake),
-        "train_step": (functools.partial(trainer.train_step, kind=plain), state, batch),
-        "train_step_r1": (functools.partial(trainer.train_step, kind=with_r1), state, batch),
+        "train_step": (functools.partial(train.train_step, setup, kind=plain), state, batch),
+        "train_step_r1": (
+            functools.partial(train.train_step, setup, kind=with_r1),
+            state,
+            batch,
+        ),
     }
     for name in _PARTS.value:
         fn, *args = parts[name]

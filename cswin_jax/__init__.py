@@ -64,3 +64,22 @@ def restart_with_huge_pages() -> None:
         [sys.executable, *sys.orig_argv[1:]],
         {**os.environ, "GLIBC_TUNABLES": tunables},
     )
+
+
+def release_freed_memory() -> None:
+    """Hands the heap memory this process has freed back to the kernel (glibc `malloc_trim`).
+
+    Compiling or loading a program, and running the initialiser, leave gigabytes of freed
+    memory in glibc's arenas, which keeps it for reuse by the same threads; the training step
+    runs on other threads and maps its temporaries afresh, so that memory only adds to the
+    process's resident size while it steps. Call it once the programs are compiled and the
+    state is initialised; elsewhere it does nothing (another libc, another OS).
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    import ctypes  # noqa: PLC0415
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return

@@ -24,7 +24,9 @@ item falls back to the previous one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import pathlib
 import shutil
@@ -42,6 +44,9 @@ TRAIN_SUBDIR = "train"
 BEST_SUBDIR = "best"
 DAMAGED_SUBDIR = "damaged"  # unreadable training steps, moved aside on resume
 MAX_LISTED = 10  # misfit weights named in an error; the rest are counted
+# Training-state fields renamed since earlier versions wrote checkpoints: old name -> new name
+# (`step` and `disc_step` counted updates applied, as `gen_updates` and `disc_updates` do).
+RENAMED_STATE_FIELDS = {"step": "gen_updates", "disc_step": "disc_updates"}
 
 
 def _manager(directory: pathlib.Path, item_names: tuple[str, ...], keep: int, *, read_only=False):
@@ -133,7 +138,8 @@ class TrainCheckpointer:
         errors = []
         for step in steps:
             folder = self.root / TRAIN_SUBDIR / str(step)
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            target, to_current = _as_saved(abstract_state, folder / "state")
+            items = {"state": ocp.args.StandardRestore(target)}
             if (folder / "config").exists():
                 items["config"] = ocp.args.JsonRestore()
             if data_iterator is not None and (folder / "data").exists():
@@ -153,7 +159,7 @@ class TrainCheckpointer:
                 errors.append(f"step {step}: {' '.join(str(e).split())[:300]}")
                 continue
             self._set_aside(s for s in steps if s > step)
-            return restored["state"], step
+            return to_current(restored["state"]), step
         raise ValueError(
             f"no readable checkpoint under {self.root / TRAIN_SUBDIR} ("
             + "; ".join(errors)
@@ -229,6 +235,34 @@ class TrainCheckpointer:
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def _as_saved(abstract_state: Any, folder: pathlib.Path) -> tuple[Any, Any]:
+    """(restore target, function to today's structure) for the state saved in `folder`.
+
+    A state saved before a field of the training state was renamed (`RENAMED_STATE_FIELDS`)
+    restores into a dict under the old field names, and the function rebuilds today's state
+    from it; any other state restores as it is.
+    """
+    unchanged = abstract_state, lambda state: state
+    if not dataclasses.is_dataclass(abstract_state):
+        return unchanged
+    try:
+        saved = json.loads((folder / "_METADATA").read_text())["tree_metadata"]
+        names = {entry["key_metadata"][0]["key"] for entry in saved.values()}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return unchanged  # unreadable: the restore itself reports it
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    old_names = {new: old for old, new in RENAMED_STATE_FIELDS.items()
+                 if new in fields and new not in names and old in names}  # fmt: skip
+    if not old_names:
+        return unchanged
+    target = {old_names.get(name, name): value for name, value in fields.items()}
+
+    def to_current(state: Mapping) -> Any:
+        return type(abstract_state)(**{name: state[old_names.get(name, name)] for name in fields})
+
+    return target, to_current
 
 
 def disk_error(exc: BaseException) -> int | None:

@@ -2,7 +2,7 @@
 
 `validate_config(config, num_devices)` checks a whole config (the training loop calls it with
 the mesh size). The code that reads only part of a config checks that part:
-`check_training` (all but `config.data`: `train.Trainer`), `check_model(config.model)` (the
+`check_training` (all but `config.data`: `train.make_setup`), `check_model(config.model)` (the
 generator builders) and `check_data(config.data)` (the data pipeline). Each rejection is one
 `ValueError` that names the key and the fix.
 
@@ -53,7 +53,7 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
 
 
 def check_training(config: Any, num_devices: int | None = None) -> None:
-    """All of `validate_config` but `config.data`: what `train.Trainer` reads."""
+    """All of `validate_config` but `config.data`: what `train.make_setup` reads."""
     import jax  # noqa: PLC0415  (keeps `import cswin_jax.models` free of JAX)
 
     if config.n_critic < 1:
@@ -79,7 +79,7 @@ def check_training(config: Any, num_devices: int | None = None) -> None:
             "batch_size",
             f"{config.batch_size} is not divisible by the {jax.process_count()} processes",
         )
-    # The run length `train.total_steps` computes.
+    # The run length `schedule.total_steps` computes.
     if (config.optim.total_steps or config.epochs * config.iterations_per_epoch) < 1:
         _fail("epochs", "epochs * iterations_per_epoch (or optim.total_steps) must be >= 1")
     if config.iterations_per_epoch < 1:

@@ -15,38 +15,21 @@ import pathlib
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
+import cswin_jax
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import cli, inference, metrics, models, scoring, sharding
+from cswin_jax import inference, metrics, models, scoring, sharding
 from cswin_jax.config_checks import validate_config
 from cswin_jax.data import pipeline
-from cswin_jax.train import (
-    StepKind,
-    Trainer,
-    TrainState,
-    step_kind,
-    step_kinds,
-    total_steps,
-)
-
-
-def _state_shardings(state_shape: TrainState, mesh) -> TrainState:
-    repl = sharding.replicated(mesh)
-    return jax.tree.map(lambda _: repl, state_shape)
-
-
-def _batch_sharding(mesh):
-    # [A, B, P, P, C]: the batch axis B is split over the devices.
-    return NamedSharding(mesh, P(None, "data"))
+from cswin_jax.programs import compiled_programs
+from cswin_jax.schedule import step_kind, total_steps
+from cswin_jax.train import TrainState
 
 
 def _architecture(config_dict: Mapping) -> dict:
@@ -57,133 +40,7 @@ def _architecture(config_dict: Mapping) -> dict:
     return json.loads(json.dumps(arch))
 
 
-class Programs(NamedTuple):
-    """A trainer and its jitted programs for one config on one mesh (`compiled_programs`)."""
-
-    trainer: Trainer
-    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with their shardings
-    state_sharding: TrainState
-    batch_sharding: NamedSharding
-    init_fn: jax.stages.Compiled  # rng key -> TrainState
-    # Per `StepKind` the run has: (state, batch) -> (state, metrics), state donated.
-    step_fns: Mapping[StepKind, jax.stages.Compiled]
-    # ({'params': generator params}, rgb [B, H, W, 3]) -> hsi: the float32 eval-mode
-    # generator, as `inference.ModelApply` takes it (its jitted runners are kept per function).
-    predict_fn: Callable
-
-
-_PROGRAMS: dict[tuple, Programs] = {}
 _BARRIERS = itertools.count()
-
-
-# Config entries the compiled programs do not depend on (the host loop, the writers and the
-# data readers use them; `test_host_only_keys_do_not_reach_the_trainer` checks the trainer
-# never reads them). Changing them reuses the kept programs.
-HOST_ONLY_KEYS = (
-    "recipe",
-    "max_consecutive_nonfinite",
-    "log_dir",
-    "checkpoint_dir",
-    "compilation_cache_dir",
-    "checkpoint_every",
-    "checkpoint_keep",
-    "log_every",
-    "init_from",
-    "use_wandb",
-    "wandb_project",
-    "eval",
-)
-PROGRAM_DATA_KEYS = ("patch_size",)  # of config.data, the only one that shapes the programs
-
-
-def _programs_key(config: ml_collections.ConfigDict, mesh) -> tuple:
-    programs_config = {k: v for k, v in config.to_dict().items() if k not in HOST_ONLY_KEYS}
-    programs_config["data"] = {k: config.data[k] for k in PROGRAM_DATA_KEYS}
-    return (
-        json.dumps(programs_config, sort_keys=True, default=repr),
-        tuple(int(d.id) for d in mesh.devices.flat),
-        jax.process_count(),
-    )
-
-
-def clear_compiled_programs() -> None:
-    """Drops the programs `compiled_programs` keeps (frees their executables)."""
-    _PROGRAMS.clear()
-
-
-def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
-    """The trainer for `config` and its programs on `mesh`, the initialiser and one train
-    step per `StepKind` the run has (`train.step_kinds`: with and without R1 for the GAN
-    recipes), compiled ahead of time (`jit(...).lower(...).compile()`) for the
-    loop's batch shape and shardings.
-
-    Kept for the newest (config, devices) pair of this process, so another
-    `train_and_evaluate` call with the same config (a resume in the same process, a notebook
-    re-run) reuses the compiled step. A compiled CPU step is expensive to get even from the
-    persistent compilation cache: loading one rebuilds XLA's thunk dependency graph, which
-    takes about as long as compiling it.
-    """
-    key = _programs_key(config, mesh)
-    if key in _PROGRAMS:
-        return _PROGRAMS[key]
-    _PROGRAMS.clear()  # one entry: free the previous config's executables first
-    trainer = Trainer(config)
-    state_shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
-    state_sharding = _state_shardings(state_shape, mesh)
-    batch_sharding = _batch_sharding(mesh)
-    p = config.data.patch_size
-    batch_shape = (config.gradient_accumulation_steps, config.batch_size, p, p)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((*batch_shape, c), jnp.float32, sharding=batch_sharding)
-        for k, c in (("rgb", config.model.in_channels), ("hsi", config.model.out_channels))
-    }
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        state_shape,
-        state_sharding,
-    )
-    lowered = {
-        kind: trainer.make_train_step(
-            state_sharding, batch_sharding, sharding.replicated(mesh), donate=True, kind=kind
-        ).lower(abstract_state, abstract_batch)
-        for kind in step_kinds(config, 0, total_steps(config))
-    }
-    cache = jax.config.jax_compilation_cache_dir
-    logging.info(
-        "compiling the training step (%s): on CPU the first time takes minutes; %s",
-        ", ".join(_step_name(kind) for kind in lowered),
-        f"later runs load it from the cache in {cache}" if cache else "no compilation cache set",
-    )
-    started = time.perf_counter()
-    with cli.without_compile_alarm():  # the line above says it instead of XLA's banner
-        step_fns = compile_all(lowered)
-        init_fn = jax.jit(trainer.init_state, out_shardings=state_sharding)
-        init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
-    logging.info("compiled in %.0f s", time.perf_counter() - started)
-    programs = Programs(
-        trainer=trainer,
-        abstract_state=abstract_state,
-        state_sharding=state_sharding,
-        batch_sharding=batch_sharding,
-        init_fn=init_fn,
-        step_fns=step_fns,
-        predict_fn=lambda variables, rgb: trainer.predict(variables["params"], rgb),
-    )
-    _PROGRAMS[key] = programs
-    return programs
-
-
-def _step_name(kind) -> str:
-    if not kind.discriminator:
-        return "generator update"
-    return "generator + discriminator update" + (" with R1" if kind.r1 else "")
-
-
-def compile_all(lowered: Mapping) -> dict:
-    """`{key: lowered.compile()}`, one after the other: compiling two GAN-step programs side
-    by side doubles the compiler's peak memory (enough to kill a two-process run on a small
-    host) for little less wall time."""
-    return {k: v.compile() for k, v in lowered.items()}
 
 
 class _StopRequested:
@@ -306,7 +163,7 @@ def train_and_evaluate(
                 "resumed from %s at step %d (%d generator updates, %d steps skipped as non-finite)",
                 ckpt_root,
                 start,
-                int(state.step),
+                int(state.gen_updates),
                 int(state.nonfinite_total),
             )
         else:
@@ -314,12 +171,16 @@ def train_and_evaluate(
             state = programs.init_fn(jax.random.key(config.seed))
             if config.init_from:
                 state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
+        # The compiler, the cache loader and the initialiser leave gigabytes freed but held by
+        # malloc on their threads; the steps would carry them in the process's peak.
+        cswin_jax.release_freed_memory()
         best_mrae = checkpointer.best_metric()
         best_mrae = math.inf if best_mrae is None else best_mrae
         step_fns, predict_fn = programs.step_fns, programs.predict_fn
 
-        # Loop steps count the batches consumed and number the checkpoints (`start` is the restored
-        # one's); state.step counts the generator updates applied, lower after a skipped step.
+        # Loop steps count the batches consumed and number the checkpoints (`start` is the
+        # restored one's); state.gen_updates counts the generator updates applied, lower after
+        # a skipped step.
         n_steps = total_steps(config)
         accum = config.gradient_accumulation_steps
         patches_per_step = config.batch_size * accum

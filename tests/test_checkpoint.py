@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import cli
+from cswin_jax import cli, train
 
 
 def _weights():
@@ -175,3 +175,43 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
             ckpt.close()
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_state_saved_under_the_old_counter_names_resumes(tmp_path):
+    """A training state written when its counters were `step` / `disc_step` restores into
+    today's TrainState (`gen_updates` / `disc_updates`), every other field as saved."""
+    zero = np.zeros((), np.int32)
+    current = train.TrainState(
+        gen_updates=zero,
+        disc_updates=zero,
+        gen_params={"w": np.arange(3, dtype=np.float32)},
+        ema_params={"w": np.ones(3, np.float32)},
+        opt_state_g={"mu": np.full(3, 0.5, np.float32)},
+        disc_params=None,
+        disc_spectral_norm=None,
+        opt_state_d=None,
+        rng=np.arange(2, dtype=np.uint32),
+        nonfinite_streak=zero,
+        nonfinite_peak=np.int32(2),
+        nonfinite_total=np.int32(4),
+    )
+    fields = {name: getattr(current, name) for name in current.__dataclass_fields__}
+    legacy = {
+        {new: old for old, new in ckpt_lib.RENAMED_STATE_FIELDS.items()}.get(k, k): v
+        for k, v in fields.items()
+    }
+    legacy["step"], legacy["disc_step"] = np.int32(7), np.int32(3)
+    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=2)
+    ckpt.save(5, legacy, {"model": {}}, force=True)
+    ckpt.wait()
+    state, step = ckpt.restore(jax.eval_shape(lambda: current))
+    assert step == 5 and isinstance(state, train.TrainState)
+    assert int(state.gen_updates) == 7 and int(state.disc_updates) == 3
+    np.testing.assert_array_equal(state.opt_state_g["mu"], current.opt_state_g["mu"])
+    assert int(state.nonfinite_total) == 4 and state.disc_params is None
+    # Written again, it is in today's names and restores as it is.
+    ckpt.save(6, state, {"model": {}}, force=True)
+    ckpt.wait()
+    again, step = ckpt.restore(jax.eval_shape(lambda: current))
+    assert step == 6 and int(again.gen_updates) == 7
+    ckpt.close()

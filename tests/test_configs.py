@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from configs import base, gan, mst_plus_plus, optimized, quickstart
-from cswin_jax import config_checks, models, train
+from cswin_jax import config_checks, models, schedule
 from tests.train_setup import tiny_config
 
 # The original trainer's flat keys and defaults (issue #2 item 8), with where each lives here
@@ -151,8 +151,8 @@ def test_quickstart_variants():
     the discriminator; mst_plus_plus.py:quickstart is MST++'s recipe on the quick start's run."""
     q, g = quickstart.get_config(), quickstart.get_config("generator")
     assert q.train_discriminator and q.loss.lambda_adversarial > 0
-    assert not q.loss.use_r1  # one compiled step program (train.step_kinds)
-    assert train.step_kinds(q, 0, 800) == [train.PLAIN_STEP]
+    assert not q.loss.use_r1  # one compiled step program (schedule.step_kinds)
+    assert schedule.step_kinds(q, 0, 800) == [schedule.PLAIN_STEP]
     assert not g.train_discriminator and not g.loss.use_r1 and g.loss.lambda_adversarial == 0
     assert g.model.to_dict() == q.model.to_dict() and g.data.to_dict() == q.data.to_dict()
     assert (g.loss.lambda_rec, g.loss.lambda_mrae) == (q.loss.lambda_rec, q.loss.lambda_mrae)
@@ -235,7 +235,7 @@ def test_complete_fills_missing_keys_and_drops_removed_ones():
     ],
 )
 def test_validate_config_names_the_key_and_the_fix(key, value, message):
-    """`config_checks.validate_config` holds every rule; `train.Trainer` runs all but the data
+    """`config_checks.validate_config` holds every rule; `train.make_setup` runs all but the data
     rules (`check_training`), the data pipeline the data rules (`check_data`)."""
     config = base.get_config()
     section, _, leaf = key.rpartition(".")

@@ -12,7 +12,17 @@ import pytest
 from stand_in_models import BANDS, write_tiny_checkpoint
 
 from configs import base
-from cswin_jax import evaluate, floor, loop, metric_writers, metrics, scoring, sharding, viz
+from cswin_jax import (
+    evaluate,
+    floor,
+    loop,
+    metric_writers,
+    metrics,
+    programs,
+    scoring,
+    sharding,
+    tensorboard_events,
+)
 from cswin_jax import io as hsi_io
 from cswin_jax.data import pipeline, synthetic
 
@@ -222,7 +232,7 @@ def test_loop_logs_the_floor_at_step_0(tmp_path, data_root):
     writer = metric_writers.MetricWriter(tmp_path, config)
     summary = loop.log_floor(config, writer, train, valid)
     writer.close()
-    scalars = viz.read_scalars(tmp_path)
+    scalars = tensorboard_events.read_scalars(tmp_path)
     for result in summary["orders"]:
         for name in ("mrae", "psnr", "rmse", "sam", "ssim", "mae", "mrae_clamped"):
             tag = f"floor/order{result['order']}/{name}"
@@ -231,7 +241,7 @@ def test_loop_logs_the_floor_at_step_0(tmp_path, data_root):
     mesh = sharding.make_mesh()
     changed = _config(data_root)
     changed.eval.floor, changed.eval.floor_pixels, changed.eval.floor_orders = False, 10, (1,)
-    assert loop._programs_key(changed, mesh) == loop._programs_key(_config(data_root), mesh)
+    assert programs._programs_key(changed, mesh) == programs._programs_key(_config(data_root), mesh)
 
 
 class _Compiling(Exception):

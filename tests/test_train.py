@@ -8,10 +8,11 @@ runs this file on one pytest-xdist worker and `test_train_recipes.py` on the oth
 compiled here are reused, not reloaded (on CPU a persistent-cache load costs about as much as
 a compile): the one-device step of the `one_device_run` fixture serves the non-finite and
 two-process tests, and the training-loop tests reuse the 8-device test's step, which comes
-from `loop.compiled_programs` (it keeps the newest config's programs for the process).
+from `programs.compiled_programs` (it keeps the newest config's programs for the process).
 `-m 'not slow'` skips them all.
 """
 
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import loop, sharding, train
+from cswin_jax import loop, programs, schedule, sharding, train
 from tests import train_setup
 from tests.train_setup import make_batch, tiny_config
 
@@ -44,17 +45,17 @@ def _release_compiled_programs():
 @pytest.fixture(scope="module", autouse=True)
 def _drop_loop_programs():
     yield
-    loop.clear_compiled_programs()
+    programs.clear_compiled_programs()
 
 
 @pytest.fixture(scope="module")
-def tiny_trainer():
-    return train_setup.tiny_trainer()
+def tiny_setup():
+    return train_setup.tiny_setup()
 
 
 @pytest.fixture(scope="module")
-def one_device_run(tiny_trainer):
-    return train_setup.one_device_run(tiny_trainer)
+def one_device_run(tiny_setup):
+    return train_setup.one_device_run(tiny_setup)
 
 
 # --- the train step: one and eight devices, skipped steps, schedules --------------------------
@@ -63,8 +64,8 @@ def one_device_run(tiny_trainer):
 @SLOW
 def test_gan_step_updates_both_networks(one_device_run):
     state0, state, history, _, _, _ = one_device_run
-    assert int(state.step) == 2
-    assert int(state.disc_step) == 2  # n_critic = 1: one D step per G step
+    assert int(state.gen_updates) == 2
+    assert int(state.disc_updates) == 2  # n_critic = 1: one D step per G step
     for m in history:
         for key in ("gen_loss", "disc_loss", "gen_grad_norm", "disc_grad_norm", "lr_g", "lr_d"):
             assert np.isfinite(m[key]), key
@@ -90,18 +91,18 @@ def test_gan_step_updates_both_networks(one_device_run):
 
 
 @SLOW
-def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
+def test_eight_devices_match_one_device(tiny_setup, one_device_run):
     """Data parallel over 8 virtual CPU devices equals the single-device step (fp32 tolerance:
     only the order of the cross-device gradient sums differs)."""
     _, ref_state, ref_history, _, _, _ = one_device_run
     assert len(jax.devices()) == 8
     # The training loop's own programs (compiled ahead of time, state donated): the loop
-    # tests below find them in `loop.compiled_programs` and compile nothing.
-    programs = loop.compiled_programs(tiny_config(), sharding.make_mesh())
-    state = programs.init_fn(jax.random.key(0))
+    # tests below find them in `programs.compiled_programs` and compile nothing.
+    compiled = programs.compiled_programs(tiny_config(), sharding.make_mesh())
+    state = compiled.init_fn(jax.random.key(0))
     for seed in (0, 1):
-        batch = jax.device_put(make_batch(tiny_trainer.config, seed), programs.batch_sharding)
-        state, m = programs.step_fns[train.step_kind(programs.trainer.config, seed)](state, batch)
+        batch = jax.device_put(make_batch(tiny_setup.config, seed), compiled.batch_sharding)
+        state, m = compiled.step_fns[schedule.step_kind(compiled.setup.config, seed)](state, batch)
     state = jax.device_get(state)
     np.testing.assert_allclose(m["gen_loss"], ref_history[1]["gen_loss"], rtol=1e-4)
     # Parameters after two Adam steps: Adam divides each gradient by its own running RMS, so
@@ -109,7 +110,7 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
     # the step by a visible fraction of the learning rate (measured: 2.3e-6 = 0.23% of lr_g on
     # one element of a 16-element leaf, batch 8, A = 1). Hence an absolute tolerance of 1% of
     # lr_g; the loss and gradient norms are compared at 1e-4 relative below.
-    lr_g = tiny_trainer.config.optim.generator_lr
+    lr_g = tiny_setup.config.optim.generator_lr
     for a, b in zip(
         jax.tree.leaves(state.gen_params), jax.tree.leaves(ref_state.gen_params), strict=True
     ):
@@ -119,7 +120,7 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
     # gradient is zero up to rounding (only the joint rescale and the clamp break the
     # symmetry). Adam divides that rounding noise by its own root-mean-square, turning it into
     # a step of up to lr_d. That leaf is therefore compared to within two such steps.
-    lr_d = tiny_trainer.config.optim.discriminator_lr
+    lr_d = tiny_setup.config.optim.discriminator_lr
     disc = jax.tree_util.tree_flatten_with_path(state.disc_params)[0]
     for (path, a), b in zip(disc, jax.tree.leaves(ref_state.disc_params), strict=True):
         name = jax.tree_util.keystr(path)
@@ -133,18 +134,18 @@ def test_eight_devices_match_one_device(tiny_trainer, one_device_run):
 
 
 @SLOW
-def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
+def test_non_finite_batch_is_skipped(tiny_setup, one_device_run):
     _, state, _, steps, data, live_state = one_device_run
-    batch = make_batch(tiny_trainer.config, 5)
+    batch = make_batch(tiny_setup.config, 5)
     batch["rgb"][0, 0, 0, 0, 0] = np.nan
     # The live device state: the compiled step takes arrays with its own shardings. Loop
     # step 2 is an R1 step (r1_interval = 2).
-    step = steps[train.step_kind(tiny_trainer.config, 2)]
-    assert train.step_kind(tiny_trainer.config, 2).r1
+    step = steps[schedule.step_kind(tiny_setup.config, 2)]
+    assert schedule.step_kind(tiny_setup.config, 2).r1
     new_state, m = step(live_state, jax.device_put(batch, data))
     new_state = jax.device_get(new_state)
     assert m["gen_skipped"] == 1
-    assert int(new_state.step) == int(state.step)
+    assert int(new_state.gen_updates) == int(state.gen_updates)
     assert int(new_state.nonfinite_streak) == 1 and int(new_state.nonfinite_total) == 1
     for a, b in zip(
         jax.tree.leaves(new_state.gen_params), jax.tree.leaves(state.gen_params), strict=True
@@ -154,38 +155,6 @@ def test_non_finite_batch_is_skipped(tiny_trainer, one_device_run):
         jax.tree.leaves(new_state.ema_params), jax.tree.leaves(state.ema_params), strict=True
     ):
         np.testing.assert_array_equal(a, b)
-
-
-def test_step_kind_schedule():
-    """The discriminator updates on every n_critic-th loop step, R1 on every
-    r1_interval-th of those updates; the loop compiles one program per kind it meets."""
-    config = tiny_config()
-    config.loss.r1_interval = 4
-    steps = range(17)
-    kinds = [train.step_kind(config, s) for s in steps]
-    assert all(k.discriminator for k in kinds)
-    assert [s for s, k in zip(steps, kinds, strict=True) if k.r1] == [0, 4, 8, 12, 16]
-    assert train.step_kinds(config, 0, 100) == [(True, False), (True, True)]
-    assert train.step_kinds(config, 0, 1) == [(True, True)]
-    assert train.step_kinds(config, 5, 7) == [(True, False)]
-    config.n_critic = 2
-    kinds = [train.step_kind(config, s) for s in steps]
-    assert [s for s, k in zip(steps, kinds, strict=True) if k.discriminator] == list(steps[::2])
-    assert [s for s, k in zip(steps, kinds, strict=True) if k.r1] == [0, 8, 16]
-    assert train.step_kinds(config, 0, 100) == [(False, False), (True, False), (True, True)]
-    config.loss.use_r1 = False
-    assert train.step_kinds(config, 0, 100) == [(False, False), (True, False)]
-    config.train_discriminator = False
-    assert train.step_kinds(config, 0, 100) == [(False, False)]
-
-
-def test_lr_schedule_warmup_and_floor():
-    sched = train.lr_schedule(2e-4, warmup=2000, horizon=10_000, end_lr=1e-6)
-    # float32 schedule arithmetic: rtol 1e-5.
-    np.testing.assert_allclose(sched(0), 2e-4 * 2 / 2001, rtol=1e-5)
-    np.testing.assert_allclose(sched(2000), 2e-4, rtol=1e-5)
-    np.testing.assert_allclose(sched(10_000), 1e-6, rtol=1e-4)
-    np.testing.assert_allclose(sched(50_000), 1e-6, rtol=1e-4)  # horizon clipped
 
 
 # --- several processes: agreement, preemption, clean exits ------------------------------------
@@ -205,14 +174,16 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from tests import train_setup
     from tests.train_setup import tiny_config, make_batch
-    from cswin_jax import sharding, train
+    import functools
+    from cswin_jax import schedule, sharding, train
     config = tiny_config()
-    trainer = train.Trainer(config)
+    setup = train.make_setup(config)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
-    shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    init = functools.partial(train.init_state, setup)
+    shape = jax.eval_shape(init, jax.random.key(0))
     sh = jax.tree.map(lambda _: repl, shape)
-    init = jax.jit(trainer.init_state, out_shardings=sh).lower(jax.random.key(0)).compile()
+    init = jax.jit(init, out_shardings=sh).lower(jax.random.key(0)).compile()
     half = config.batch_size // 2
     pid = jax.process_index()
     batches = []
@@ -223,11 +194,11 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent(
             {k: jax.make_array_from_process_local_data(data, v) for k, v in local.items()})
     # Compile, then meet at a coordination-service barrier before the first collective, as
     # the training loop does (gloo gives a late peer 30 s; one process may compile slower).
-    steps = train_setup.compiled_steps(trainer, jax.devices(), shape, batches[0])
+    steps = train_setup.compiled_steps(setup, jax.devices(), shape, batches[0])
     sharding.wait_for_all_processes("two_process_test_compiled")
     state = init(jax.random.key(0))
     for i, batch in enumerate(batches):
-        state, m = steps[train.step_kind(config, i)](state, batch)
+        state, m = steps[schedule.step_kind(config, i)](state, batch)
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.gen_params)]
     print("RESULT " + json.dumps([float(np.sum(np.abs(x))) for x in leaves]), flush=True)
     """
@@ -396,11 +367,11 @@ def test_resume_is_bit_identical(tmp_path, caplog):
     ckpt = tmp_path / "full" / "checkpoints"
     assert f"checkpoint of step 4 written to {ckpt / 'train' / '4'}" in caplog.text
     assert f"written to {ckpt / 'best'}" in caplog.text
-    assert int(full.step) == 4
+    assert int(full.gen_updates) == 4
     part = loop.train_and_evaluate(config, str(tmp_path / "part"), stop_after=2)
-    assert int(part.step) == 2
+    assert int(part.gen_updates) == 2
     resumed = loop.train_and_evaluate(config, str(tmp_path / "part"))
-    assert int(resumed.step) == 4
+    assert int(resumed.gen_updates) == 4
     for a, b in zip(
         jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed)), strict=True
     ):
@@ -433,34 +404,34 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "_stack_micro_batches", stack_and_signal)
     state = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    assert int(state.step) == 1
+    assert int(state.gen_updates) == 1
     assert _checkpoint_steps(tmp_path / "run") == [1]
 
 
-def test_host_only_keys_do_not_reach_the_trainer():
-    """The keys `loop.compiled_programs` leaves out of its memo key are never read by the
-    trainer: with them deleted (and config.data cut to the keys that shape the programs) the
-    trainer still builds and traces its initialiser and train step."""
+def test_host_only_keys_do_not_reach_the_step():
+    """The keys `programs.compiled_programs` leaves out of its memo key are never read by the
+    step: with them deleted (and config.data cut to the keys that shape the programs) the
+    setup still builds and traces its initialiser and train step."""
     config = tiny_config()
-    for key in loop.HOST_ONLY_KEYS:
+    for key in programs.HOST_ONLY_KEYS:
         del config[key]
     data = config.data
     for key in list(data.keys()):
-        if key not in loop.PROGRAM_DATA_KEYS:
+        if key not in programs.PROGRAM_DATA_KEYS:
             del data[key]
-    trainer = train.Trainer(config)
-    state = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    setup = train.make_setup(config)
+    state = jax.eval_shape(functools.partial(train.init_state, setup), jax.random.key(0))
     batch = jax.eval_shape(lambda: jax.tree.map(jax.numpy.asarray, make_batch(config, 0)))
-    new_state, _ = jax.eval_shape(trainer.train_step, state, batch)
-    assert int(new_state.step.size) == 1
+    new_state, _ = jax.eval_shape(functools.partial(train.train_step, setup), state, batch)
+    assert int(new_state.gen_updates.size) == 1
     # And the memo key does ignore them.
     changed = tiny_config()
     changed.log_every, changed.max_consecutive_nonfinite = 1, 3
     changed.data.memory_mode = "lazy"
     mesh = sharding.make_mesh()
-    assert loop._programs_key(changed, mesh) == loop._programs_key(tiny_config(), mesh)
+    assert programs._programs_key(changed, mesh) == programs._programs_key(tiny_config(), mesh)
     changed.ema_decay = 0.5
-    assert loop._programs_key(changed, mesh) != loop._programs_key(tiny_config(), mesh)
+    assert programs._programs_key(changed, mesh) != programs._programs_key(tiny_config(), mesh)
 
 
 def _nan_batches(monkeypatch, which):
@@ -491,11 +462,11 @@ def test_resume_after_a_skipped_step_continues_from_the_checkpoint(tmp_path, mon
     config = tiny_config()
     _nan_batches(monkeypatch, lambda call: call == 1)
     part = loop.train_and_evaluate(config, str(tmp_path / "run"), stop_after=2)
-    assert int(part.step) == 1 and int(part.nonfinite_total) == 1
+    assert int(part.gen_updates) == 1 and int(part.nonfinite_total) == 1
     assert _checkpoint_steps(tmp_path / "run") == [2]
     monkeypatch.undo()
     resumed = loop.train_and_evaluate(config, str(tmp_path / "run"))
-    assert int(resumed.step) == 3 and int(resumed.nonfinite_total) == 1
+    assert int(resumed.gen_updates) == 3 and int(resumed.nonfinite_total) == 1
     assert _checkpoint_steps(tmp_path / "run") == [2, 4]
 
 
@@ -519,8 +490,8 @@ def _toy_state():
     zero = np.zeros((), np.int32)
     gen = {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
     return train.TrainState(
-        step=zero,
-        disc_step=zero,
+        gen_updates=zero,
+        disc_updates=zero,
         gen_params=gen,
         ema_params=gen,
         opt_state_g={},
@@ -587,7 +558,7 @@ def test_init_from_loads_weights_and_checks_shapes(tmp_path):
         (loaded.disc_spectral_norm, disc["spectral_norm"]),
     ):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
-    assert int(loaded.step) == 0  # weights only: optimizer, step and RNG stay fresh
+    assert int(loaded.gen_updates) == 0  # weights only: optimizer, step and RNG stay fresh
 
     wrong = state.replace(gen_params={"conv": {"kernel": np.zeros((3, 2), np.float32)}})
     misfit = r"init_from=.*generator weights do not fit.*: conv/kernel \(2, 3\) vs \(3, 2\)$"

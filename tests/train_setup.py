@@ -3,7 +3,7 @@
 Not a test module. `tests/test_train*.py` and the two-process script in `test_train.py` import it.
 """
 
-import ctypes
+import functools
 import gc
 
 import jax
@@ -11,8 +11,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cswin_jax
 from configs import quickstart
-from cswin_jax import loop, train
+from cswin_jax import programs, schedule, train
 
 
 def release_compiled_programs() -> None:
@@ -20,10 +21,7 @@ def release_compiled_programs() -> None:
     starts from a small process (the persistent cache reloads programs)."""
     jax.clear_caches()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    cswin_jax.release_freed_memory()
 
 
 def tiny_config():
@@ -73,47 +71,48 @@ def make_batch(config, seed=0):
     return {"rgb": rgb, "hsi": hsi}
 
 
-def jitted_step(trainer, devices, donate=False, kind=train.PLAIN_STEP):
+def jitted_step(setup, devices, donate=False, kind=schedule.PLAIN_STEP):
     """(init, step of `kind`, batch sharding) jitted as `loop.train_and_evaluate` jits them:
     over all devices with `donate=True`, the step is the loop's program."""
     mesh = Mesh(np.array(devices), ("data",))
     repl = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(None, "data"))
-    state_shape = jax.eval_shape(trainer.init_state, jax.random.key(0))
+    init = functools.partial(train.init_state, setup)
+    state_shape = jax.eval_shape(init, jax.random.key(0))
     state_sh = jax.tree.map(lambda _: repl, state_shape)
-    step = trainer.make_train_step(state_sh, data, repl, donate=donate, kind=kind)
-    init = jax.jit(trainer.init_state, out_shardings=state_sh)
+    step = train.make_train_step(setup, state_sh, data, repl, donate=donate, kind=kind)
+    init = jax.jit(init, out_shardings=state_sh)
     return init, step, data
 
 
-def compiled_steps(trainer, devices, state, batch, donate=False):
-    """`{kind: compiled step}` for every kind of step the trainer's config runs, compiled
+def compiled_steps(setup, devices, state, batch, donate=False):
+    """`{kind: compiled step}` for every kind of step the setup's config runs, compiled
     as the loop compiles them."""
-    config = trainer.config
+    config = setup.config
     lowered = {}
-    for kind in train.step_kinds(config, 0, train.total_steps(config)):
-        _, step, _ = jitted_step(trainer, devices, donate=donate, kind=kind)
+    for kind in schedule.step_kinds(config, 0, schedule.total_steps(config)):
+        _, step, _ = jitted_step(setup, devices, donate=donate, kind=kind)
         lowered[kind] = step.lower(state, batch)
-    return loop.compile_all(lowered)
+    return programs.compile_all(lowered)
 
 
-def one_device_run(trainer):
+def one_device_run(setup):
     """Two GAN steps on one device (loop steps 0 and 1: with R1, then without): (initial
     state, final state, metrics of each step, `{kind: compiled step}`, the batch sharding,
     the final state as device arrays). States are host copies except the last. The steps
     are compiled ahead of time: a `jax.stages.Compiled` outlives `jax.clear_caches()`, so
     later tests call them without reloading them from the persistent cache (on CPU, about
     as slow as compiling: measured 145 s vs ~150 s)."""
-    init, _, data = jitted_step(trainer, jax.devices()[:1])
+    init, _, data = jitted_step(setup, jax.devices()[:1])
     state0 = init(jax.random.key(0))
-    batches = [jax.device_put(make_batch(trainer.config, seed), data) for seed in (0, 1)]
-    steps = compiled_steps(trainer, jax.devices()[:1], state0, batches[0])
+    batches = [jax.device_put(make_batch(setup.config, seed), data) for seed in (0, 1)]
+    steps = compiled_steps(setup, jax.devices()[:1], state0, batches[0])
     state, history = state0, []
     for i, batch in enumerate(batches):
-        state, m = steps[train.step_kind(trainer.config, i)](state, batch)
+        state, m = steps[schedule.step_kind(setup.config, i)](state, batch)
         history.append(jax.device_get(m))
     return jax.device_get(state0), jax.device_get(state), history, steps, data, state
 
 
-def tiny_trainer():
-    return train.Trainer(tiny_config())
+def tiny_setup():
+    return train.make_setup(tiny_config())
