@@ -40,7 +40,7 @@ from absl import flags, logging
 from PIL import Image
 
 import cswin_jax
-from cswin_jax import cli
+from cswin_jax import cli, srgb
 from cswin_jax import io as hsi_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -51,10 +51,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 def write_preview(path: str | pathlib.Path, cube: np.ndarray) -> pathlib.Path:
     """sRGB rendering of `cube` (CIE 1931 / D65, auto exposure) as an 8-bit PNG."""
-    from cswin_jax import viz
-
-    srgb = viz.hsi_to_srgb(cube)
-    Image.fromarray(np.round(srgb * 255).astype(np.uint8)).save(path)
+    rendered = srgb.hsi_to_srgb(cube)
+    Image.fromarray(np.round(rendered * 255).astype(np.uint8)).save(path)
     return pathlib.Path(path)
 
 

@@ -3,15 +3,13 @@ r"""Figures for spectral reconstructions: sRGB renderings, error maps, spectra, 
 Every function writes one PNG through matplotlib's object API (`Figure` + Agg canvas), so
 nothing here touches pyplot's global state or needs a display.
 
-Colour: a 31-band cube sampled at 400, 410, ..., 700 nm is rendered by integrating it against
-the CIE 1931 2-degree colour-matching functions under CIE D65 (both from colour-science,
-aligned to 400-700 nm in 10 nm steps), normalised so that a perfect white reflector has
-Y = 1, then converted XYZ -> sRGB (gamma-encoded) and clipped to [0, 1].
+Colour: cubes are rendered through `cswin_jax.srgb` (CIE 1931, D65); the error maps come
+from `cswin_jax.error_maps`.
 
 Training curves: `plot_validation_curve` reads a workdir's TensorBoard event files
-(`read_scalars`) and plots validation MRAE (or another `val/` metric) against step, with the
-per-pixel regression floor of each polynomial order (`cswin_jax.floor`, logged at step 0) as
-horizontal reference lines.
+(`cswin_jax.tensorboard_events.read_scalars`) and plots validation MRAE (or another `val/`
+metric) against step, with the per-pixel regression floor of each polynomial order
+(`cswin_jax.floor`, logged at step 0) as horizontal reference lines.
 
 Usage:
   python -m cswin_jax.viz --pred cube.mat [--gt ARAD_1K_0901.mat] [--rgb photo.jpg] \
@@ -22,9 +20,7 @@ Usage:
 from __future__ import annotations
 
 import csv
-import functools
 import pathlib
-import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,81 +28,10 @@ from absl import flags
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cswin_jax import cli
+from cswin_jax import cli, error_maps, srgb, tensorboard_events
 from cswin_jax import io as hsi_io
 
-_EPS = 1e-8  # the original's MRAE / SAM epsilon
-
-
-@functools.lru_cache(maxsize=1)
-def _xyz_matrix() -> np.ndarray:
-    """[31, 3] float64: band reflectance -> CIE XYZ under D65, white reflector Y = 1."""
-    import colour
-
-    shape = colour.SpectralShape(400, 700, 10)
-    cmfs = colour.MSDS_CMFS["CIE 1931 2 Degree Standard Observer"].copy().align(shape)
-    d65 = colour.SDS_ILLUMINANTS["D65"].copy().align(shape)
-    weighted = d65.values[:, None] * cmfs.values
-    return weighted / np.sum(weighted[:, 1])
-
-
-def hsi_to_xyz(hsi: np.ndarray) -> np.ndarray:
-    """hsi: [..., 31] reflectance-like -> [..., 3] CIE XYZ (D65, white Y = 1)."""
-    hsi = np.asarray(hsi, np.float64)
-    if hsi.shape[-1] != hsi_io.NUM_BANDS:
-        raise ValueError(
-            f"expected {hsi_io.NUM_BANDS} bands (400-700 nm, 10 nm) last, got {hsi.shape}"
-        )
-    return hsi @ _xyz_matrix()
-
-
-def auto_exposure(hsi: np.ndarray, percentile: float = 99.0) -> float:
-    """Scale that maps the `percentile` luminance (Y) of `hsi` to 1 (ARAD cubes are
-    normalised per scene, so many render dark at their native scale)."""
-    luminance = hsi_to_xyz(hsi)[..., 1]
-    level = float(np.percentile(luminance, percentile))
-    return 1.0 / level if level > 1e-6 else 1.0
-
-
-def hsi_to_srgb(hsi: np.ndarray, exposure: float | None = None) -> np.ndarray:
-    """hsi: [H, W, 31] -> [H, W, 3] float32 gamma-encoded sRGB in [0, 1].
-
-    exposure: multiplies XYZ before the sRGB conversion; None = `auto_exposure(hsi)`. Pass
-    the ground truth's exposure when rendering a prediction beside it.
-    """
-    import colour
-
-    if exposure is None:
-        exposure = auto_exposure(hsi)
-    xyz = hsi_to_xyz(hsi) * exposure
-    srgb = colour.XYZ_to_sRGB(xyz)
-    return np.clip(np.nan_to_num(srgb), 0.0, 1.0).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------- error maps
-
-
-def mrae_map(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> np.ndarray:
-    """[H, W] per-pixel MRAE: mean over bands of |p - t| / (t + 1e-8), as the original's MRAE."""
-    return np.mean(np.abs(hsi_pred - hsi_true) / (hsi_true + _EPS), axis=-1)
-
-
-def sam_map(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> np.ndarray:
-    """[H, W] per-pixel spectral angle in degrees (eps 1e-8 normalisation, as the metric)."""
-    pred = hsi_pred / np.maximum(np.linalg.norm(hsi_pred, axis=-1, keepdims=True), _EPS)
-    true = hsi_true / np.maximum(np.linalg.norm(hsi_true, axis=-1, keepdims=True), _EPS)
-    cos = np.clip(np.sum(pred * true, axis=-1), -1.0, 1.0)
-    return np.degrees(np.arccos(cos))
-
-
-def band_errors(hsi_pred: np.ndarray, hsi_true: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-band ([31]) MRAE, RMSE and mean signed error over all pixels."""
-    diff = hsi_pred - hsi_true
-    return {
-        "mrae": np.mean(np.abs(diff) / (hsi_true + _EPS), axis=(0, 1)),
-        "rmse": np.sqrt(np.mean(diff**2, axis=(0, 1))),
-        "bias": np.mean(diff, axis=(0, 1)),
-    }
+# ----------------------------------------------------------------------------- helpers
 
 
 def _robust_max(values: np.ndarray, percentile: float = 99.0) -> float:
@@ -148,13 +73,13 @@ def plot_comparison(
 ) -> pathlib.Path:
     """Input RGB | ground truth | prediction, both cubes rendered to sRGB at the truth's
     exposure (the prediction's own when there is no truth)."""
-    exposure = auto_exposure(hsi_true if hsi_true is not None else hsi_pred)
+    exposure = srgb.auto_exposure(hsi_true if hsi_true is not None else hsi_pred)
     panels = []
     if rgb is not None:
         panels.append(("input RGB", np.clip(rgb, 0, 1)))
     if hsi_true is not None:
-        panels.append(("ground truth (sRGB, D65)", hsi_to_srgb(hsi_true, exposure)))
-    panels.append(("prediction (sRGB, D65)", hsi_to_srgb(hsi_pred, exposure)))
+        panels.append(("ground truth (sRGB, D65)", srgb.hsi_to_srgb(hsi_true, exposure)))
+    panels.append(("prediction (sRGB, D65)", srgb.hsi_to_srgb(hsi_pred, exposure)))
     aspect = hsi_pred.shape[0] / hsi_pred.shape[1]
     fig = Figure(layout="constrained", figsize=(4.2 * len(panels), 4.2 * aspect + 0.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -176,8 +101,8 @@ def plot_error_maps(
     99th percentile so a few near-zero-truth pixels do not wash the map out. `crop`
     (y0, x0, y1, x1) outlines the scored window."""
     maps = [
-        ("MRAE per pixel", mrae_map(hsi_pred, hsi_true), "magma"),
-        ("SAM per pixel (degrees)", sam_map(hsi_pred, hsi_true), "viridis"),
+        ("MRAE per pixel", error_maps.mrae_map(hsi_pred, hsi_true), "magma"),
+        ("SAM per pixel (degrees)", error_maps.sam_map(hsi_pred, hsi_true), "viridis"),
     ]
     aspect = hsi_pred.shape[0] / hsi_pred.shape[1]
     fig = Figure(layout="constrained", figsize=(10, 4.2 * aspect + 0.8))
@@ -198,39 +123,6 @@ def plot_error_maps(
     return _save(fig, pathlib.Path(path))
 
 
-def worst_pixels(
-    hsi_pred: np.ndarray,
-    hsi_true: np.ndarray,
-    count: int = 3,
-    crop: tuple[int, int, int, int] | None = None,
-    min_distance: int | None = None,
-) -> list[tuple[int, int]]:
-    """The `count` pixels with the highest per-pixel MRAE (inside `crop`), at least
-    `min_distance` pixels apart (default: a tenth of the image side, so that one bad region
-    does not take every slot), plus the median-error pixel last."""
-    errors = mrae_map(hsi_pred, hsi_true)
-    if min_distance is None:
-        min_distance = max(1, max(errors.shape) // 10)
-    mask = np.zeros_like(errors, bool)
-    if crop is None:
-        mask[:] = True
-    else:
-        mask[crop[0] : crop[2], crop[1] : crop[3]] = True
-    candidates = np.flatnonzero(mask.ravel())
-    order = candidates[np.argsort(-errors.ravel()[candidates], kind="stable")]
-    chosen: list[tuple[int, int]] = []
-    width = errors.shape[1]
-    for flat in order:
-        y, x = divmod(int(flat), width)
-        if all(max(abs(y - cy), abs(x - cx)) >= min_distance for cy, cx in chosen):
-            chosen.append((y, x))
-        if len(chosen) == count:
-            break
-    median_flat = order[len(order) // 2]
-    chosen.append(divmod(int(median_flat), width))
-    return chosen
-
-
 def plot_spectra(
     path: str | pathlib.Path,
     hsi_pred: np.ndarray,
@@ -246,7 +138,7 @@ def plot_spectra(
     median_last = pixels is None and hsi_true is not None
     if pixels is None:
         if hsi_true is not None:
-            pixels = worst_pixels(hsi_pred, hsi_true, crop=crop)
+            pixels = error_maps.worst_pixels(hsi_pred, hsi_true, crop=crop)
         else:
             pixels = [(height // 2, width // 2), (height // 4, width // 4)]
             pixels.append((3 * height // 4, 3 * width // 4))
@@ -256,9 +148,9 @@ def plot_spectra(
     reference = hsi_true if hsi_true is not None else hsi_pred
     fig = Figure(layout="constrained", figsize=(11, 4.2))
     ax_img, ax_spec = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
-    _show_image(ax_img, hsi_to_srgb(reference), "locations")
+    _show_image(ax_img, srgb.hsi_to_srgb(reference), "locations")
     colours = [f"C{i}" for i in range(len(pixels))]
-    errors = mrae_map(hsi_pred, hsi_true) if hsi_true is not None else None
+    errors = error_maps.mrae_map(hsi_pred, hsi_true) if hsi_true is not None else None
     for i, (colour_name, (y, x)) in enumerate(zip(colours, pixels, strict=True)):
         ax_img.plot(x, y, "o", color=colour_name, markersize=7, mfc="none", mew=2)
         label = f"({y}, {x})"
@@ -285,7 +177,7 @@ def plot_band_errors(
     path: str | pathlib.Path, hsi_pred: np.ndarray, hsi_true: np.ndarray, title: str = ""
 ) -> pathlib.Path:
     """Per-band MRAE and RMSE (and mean signed error) against wavelength."""
-    errors = band_errors(hsi_pred, hsi_true)
+    errors = error_maps.band_errors(hsi_pred, hsi_true)
     fig = Figure(layout="constrained", figsize=(10, 3.8))
     ax_mrae, ax_rmse = fig.subplots(1, 2)
     ax_mrae.bar(hsi_io.WAVELENGTHS_NM, errors["mrae"], width=8, color="C3")
@@ -385,62 +277,6 @@ def read_metrics_csv(path: str | pathlib.Path) -> dict[str, list[float]]:
 # ----------------------------------------------------------------------------- training curves
 
 
-def _event_files(log_dir: pathlib.Path) -> list[pathlib.Path]:
-    if log_dir.is_file():
-        return [log_dir]
-    for folder in (log_dir / "tensorboard", log_dir):
-        files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
-        if files:
-            return files
-    raise FileNotFoundError(
-        f"no TensorBoard event files in {log_dir} or {log_dir / 'tensorboard'}; pass a "
-        "training workdir (its tensorboard/ folder holds events.out.tfevents.*)"
-    )
-
-
-def _read_events(path: pathlib.Path):
-    """Event protos of one TFRecord-framed event file (a truncated last record is dropped:
-    the file of a run still writing)."""
-    from google.protobuf.message import DecodeError
-    from tensorboardX.proto import event_pb2
-
-    data = path.read_bytes()
-    offset = 0
-    while offset + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, offset)
-        start, end = offset + 12, offset + 12 + length
-        if end + 4 > len(data):
-            break
-        event = event_pb2.Event()
-        try:
-            event.ParseFromString(data[start:end])
-        except DecodeError:
-            break
-        yield event
-        offset = end + 4
-
-
-def read_scalars(log_dir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of a workdir's TensorBoard event files: tag -> [(step, value)] by step.
-
-    log_dir: a training workdir, its tensorboard/ folder, or one event file. Files are read in
-    name (= creation time) order, so at a step written twice (a run resumed from an earlier
-    checkpoint) the later run's value is kept.
-    """
-    scalars: dict[str, dict[int, float]] = {}
-    for path in _event_files(pathlib.Path(log_dir)):
-        for event in _read_events(path):
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    number = float(value.simple_value)
-                elif value.HasField("tensor") and value.tensor.float_val:
-                    number = float(value.tensor.float_val[0])
-                else:
-                    continue
-                scalars.setdefault(value.tag, {})[int(event.step)] = number
-    return {tag: sorted(points.items()) for tag, points in scalars.items()}
-
-
 def plot_validation_curve(
     path: str | pathlib.Path, log_dir: str | pathlib.Path, metric: str = "mrae", title: str = ""
 ) -> pathlib.Path:
@@ -449,7 +285,7 @@ def plot_validation_curve(
     started) as horizontal reference lines."""
     from cswin_jax.floor import ORDER_NAMES
 
-    scalars = read_scalars(log_dir)
+    scalars = tensorboard_events.read_scalars(log_dir)
     curve = scalars.get(f"val/{metric}")
     if not curve:
         found = sorted({tag.split("/")[-1] for tag in scalars if tag.startswith("val/")})
