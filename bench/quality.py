@@ -202,7 +202,7 @@ def format_table(floors: list[dict], results: list[dict], minutes: float) -> str
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cswin_jax import floor  # noqa: PLC0415
+    from cswin_jax import floor, polynomial_fit  # noqa: PLC0415
     from cswin_jax.data import arad  # noqa: PLC0415
 
     logging.set_verbosity(logging.WARNING)
@@ -220,7 +220,7 @@ def main(argv):
             objective=objective,
             **floor.settings(reference),
         )
-        for objective in floor.OBJECTIVES
+        for objective in polynomial_fit.OBJECTIVES
     ]
     print(
         f"data: {len(train_scenes)} training and {len(valid_scenes)} validation scenes in "

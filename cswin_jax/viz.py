@@ -28,7 +28,7 @@ from absl import flags
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cswin_jax import cli, error_maps, srgb, tensorboard_events
+from cswin_jax import cli, error_maps, polynomial_fit, srgb, tensorboard_events
 from cswin_jax import io as hsi_io
 
 # ----------------------------------------------------------------------------- helpers
@@ -283,8 +283,6 @@ def plot_validation_curve(
     """Validation `metric` (the loop's `val/<metric>`, EMA weights) against step, with the
     per-pixel floor of each polynomial order (`floor/order<k>/<metric>`, logged when the run
     started) as horizontal reference lines."""
-    from cswin_jax.floor import ORDER_NAMES
-
     scalars = tensorboard_events.read_scalars(log_dir)
     curve = scalars.get(f"val/{metric}")
     if not curve:
@@ -305,7 +303,7 @@ def plot_validation_curve(
     ax.plot(steps, values, "o-", color="C0", label=f"validation {label} (EMA weights)")
     styles = ("--", "-.", ":")
     for i, (order, level) in enumerate(floors):
-        name = ORDER_NAMES.get(order, f"order {order}")
+        name = polynomial_fit.ORDER_NAMES.get(order, f"order {order}")
         ax.axhline(level, color=f"C{i + 1}", linestyle=styles[i % len(styles)],
                    label=f"per-pixel floor, {name}: {level:.4g}")  # fmt: skip
     ax.set_xlabel("training step")
