@@ -20,6 +20,7 @@ from flax import traverse_util
 from configs import base
 from cswin_jax.convert import torch_to_flax
 from cswin_jax.models import discriminator as disc_lib
+from cswin_jax.models import spectral_norm
 from tests import golden_parity
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -158,7 +159,7 @@ def test_power_iteration_state_matches(golden, group, which):
 def test_sigmas_match(golden, group, which):
     # sigma_initial is a small signed sum that cancels (values -0.22..0.2), which is why its
     # relative error can be large; atol 1e-5 is still 1e-4 of the typical |sigma|.
-    sigmas = disc_lib.spectral_norm_sigmas(getattr(golden, which))
+    sigmas = spectral_norm.spectral_norm_sigmas(getattr(golden, which))
     names = golden.torch_keys(f"debug/{group}")
     assert len(names) == len(sigmas)
     actual = np.array([sigmas["/".join(_flax_module(n))] for n in names])
