@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from cswin_jax import cli, polynomial_fit, scoring
-from cswin_jax import io as hsi_io
+from cswin_jax import cli, cubes, polynomial_fit, scoring
 
 TABLE_METRICS = ("mrae", "rmse", "psnr", "sam")  # the columns `evaluate.format_table` shows
 
@@ -93,7 +92,7 @@ def sample_pixels(scenes: Any, num_pixels: int, seed: int) -> tuple[np.ndarray, 
         finally:
             if close is not None:
                 close()
-        hsi_io.check_finite(spectra, f"{stem} (floor pixels)")
+        cubes.check_finite(spectra, f"{stem} (floor pixels)")
         rgb_parts.append(np.asarray(rgb, np.float32)[ys, xs])
         hsi_parts.append(spectra.astype(np.float32))
     return np.concatenate(rgb_parts), np.concatenate(hsi_parts)

@@ -13,7 +13,7 @@ read by `cswin_jax.io.read_rgb`:
   Every image gets the MST++ normalisation the model was trained with: a per-image min-max
   over all pixels and the three channels jointly (not /255).
 
-Outputs, per image `<stem>`, in --output (`cswin_jax.io.write_cube`):
+Outputs, per image `<stem>`, in --output (`cswin_jax.cubes.write_cube`):
   * `<stem>.mat`: MATLAB v7.3 (HDF5) with dataset `cube` stored (31, W, H) single, i.e. H x W x 31
     in MATLAB, exactly like the ARAD-1K files (read with h5py: `f['cube'][:].T` -> H x W x 31),
     plus `bands` (wavelengths, nm) and `norm_factor` (1).
@@ -40,7 +40,7 @@ from absl import flags, logging
 from PIL import Image
 
 import cswin_jax
-from cswin_jax import cli, srgb
+from cswin_jax import cli, cubes, srgb
 from cswin_jax import io as hsi_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -114,8 +114,8 @@ def run(
     from cswin_jax import inference
 
     settings = inference.eval_settings({}) if settings is None else settings
-    if fmt not in hsi_io.CUBE_FORMATS:
-        raise ValueError(f"--format must be one of {hsi_io.CUBE_FORMATS}, got {fmt!r}")
+    if fmt not in cubes.CUBE_FORMATS:
+        raise ValueError(f"--format must be one of {cubes.CUBE_FORMATS}, got {fmt!r}")
     written, failed = [], {}
     for index, path in enumerate(inputs):
         start = time.perf_counter()
@@ -131,7 +131,7 @@ def run(
         cube = inference.predict_frame(apply_fn, rgb, settings, tiled=use_tiles, ensemble=ensemble)
         if clamp:
             cube = np.clip(cube, 0.0, 1.0)
-        written.append(hsi_io.write_cube(output_dir / f"{path.stem}.{fmt}", cube))
+        written.append(cubes.write_cube(output_dir / f"{path.stem}.{fmt}", cube))
         if preview:
             written.append(write_preview(output_dir / f"{path.stem}_preview.png", cube))
         logging.info(
@@ -198,7 +198,7 @@ _OUTPUT = flags.DEFINE_string(
     required=True,
 )
 _FORMAT = flags.DEFINE_enum(
-    "format", "mat", hsi_io.CUBE_FORMATS, "Cube file format.", flag_values=_FLAGS
+    "format", "mat", cubes.CUBE_FORMATS, "Cube file format.", flag_values=_FLAGS
 )
 _PREVIEW = flags.DEFINE_bool(
     "preview", False, "Also write an sRGB preview PNG per image.", flag_values=_FLAGS

@@ -28,7 +28,7 @@ from absl import flags
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from cswin_jax import cli, error_maps, polynomial_fit, srgb, tensorboard_events
+from cswin_jax import cli, cubes, error_maps, polynomial_fit, srgb, tensorboard_events
 from cswin_jax import io as hsi_io
 
 # ----------------------------------------------------------------------------- helpers
@@ -381,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     out_dir = pathlib.Path(_OUTPUT.value)
     written = []
     if _PRED.value:
-        hsi_pred = hsi_io.read_cube(_PRED.value)
-        hsi_true = hsi_io.read_cube(_GT.value) if _GT.value else None
+        hsi_pred = cubes.read_cube(_PRED.value)
+        hsi_true = cubes.read_cube(_GT.value) if _GT.value else None
         rgb = hsi_io.read_rgb(_RGB.value) if _RGB.value else None
         stem = pathlib.Path(_PRED.value).stem
         written += write_scene_figures(out_dir, stem, hsi_pred, hsi_true, rgb, pixels=_PIXELS.value)

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cswin_jax import cli
-from cswin_jax import io as hsi_io
+from cswin_jax import cli, cubes
 
 
 def _run(*args, cwd=None):
@@ -95,7 +94,7 @@ def test_user_errors_are_told_apart_from_programming_errors(tmp_path):
         raise AssertionError("no exception")
 
     # A check of this package, with its message for the user.
-    ours = raised(lambda: hsi_io.check_finite(np.array([np.nan]), "scene.mat"))
+    ours = raised(lambda: cubes.check_finite(np.array([np.nan]), "scene.mat"))
     assert cli.is_user_error(ours)
     # The same type raised outside the package (a bug in a caller, a library's internals).
     assert not cli.is_user_error(raised(lambda: int("x")))

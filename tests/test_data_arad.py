@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cswin_jax.cubes import write_mat73
 from cswin_jax.data import arad
-from cswin_jax.io import write_mat73
 
 H, W = 6, 5
 

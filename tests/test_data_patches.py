@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from cswin_jax import config_checks
-from cswin_jax import io as hsi_io
+from cswin_jax import config_checks, cubes
 from cswin_jax.data import arad, patches, synthetic
 
 P, S = 16, 8
@@ -126,7 +125,7 @@ def test_lazy_window_with_nan_fails_naming_scene(tmp_path):
     cube = np.full((20, 20, 31), 0.5, np.float32)
     cube[15, 15, 3] = np.nan
     (tmp_path / "a.mat").parent.mkdir(exist_ok=True)
-    hsi_io.write_mat73(tmp_path / "ARAD_1K_0005.mat", cube)
+    cubes.write_mat73(tmp_path / "ARAD_1K_0005.mat", cube)
     from PIL import Image
 
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "ARAD_1K_0005.png")

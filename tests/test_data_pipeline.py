@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from cswin_jax import io as hsi_io
+from cswin_jax import cubes
 from cswin_jax.data import patches, pipeline, synthetic
 
 
@@ -222,8 +222,8 @@ def test_a_negated_cube_is_rejected_at_load_naming_the_scene(data_root, tmp_path
     root = tmp_path / "copy"
     shutil.copytree(data_root, root)
     cube_path = next(iter(sorted((root / "Train_Spec").glob("SYNTH_0001.*"))))
-    cube = hsi_io.read_cube(cube_path)
-    hsi_io.write_mat73(cube_path.with_suffix(".mat"), -cube)
+    cube = cubes.read_cube(cube_path)
+    cubes.write_mat73(cube_path.with_suffix(".mat"), -cube)
     with pytest.raises(ValueError, match=r"SYNTH_0001\.mat: \d+ of \d+ values are below -0\.01"):
         pipeline.create_train_iterator(_config(), root, process_count=1)
     with pytest.raises(ValueError, match=r"SYNTH_0001\.mat: \d+ of \d+ values are below -0\.01"):

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cswin_jax import cubes
 from cswin_jax import io as hsi_io
 from cswin_jax.data import arad, synthetic
 
@@ -72,7 +73,7 @@ def test_physically_bounded(dataset):
     )
     assert dark_floor > 5e-5  # without the ambient fill, LED scenes reached 2e-5
     for i in range(len(scenes)):
-        hsi = hsi_io.read_cube(scenes.scenes[i].cube_path)
+        hsi = cubes.read_cube(scenes.scenes[i].cube_path)
         assert np.isfinite(hsi).all()
         assert hsi.max() == pytest.approx(1.0, rel=1e-6)  # normalised by its maximum, as ARAD
         # No band is black, whatever the lamp (LED and sodium lamps have next to no blue):
@@ -91,7 +92,7 @@ def test_physically_bounded(dataset):
 
 
 def test_scenes_are_spatially_smooth_not_white_noise(dataset):
-    hsi = hsi_io.read_cube(dataset / "Train_Spec" / "SYNTH_0002.mat", rgb_hw=(40, 48))
+    hsi = cubes.read_cube(dataset / "Train_Spec" / "SYNTH_0002.mat", rgb_hw=(40, 48))
     band = hsi[..., 15]
     neighbour_corr = np.corrcoef(band[:, :-1].ravel(), band[:, 1:].ravel())[0, 1]
     assert neighbour_corr > 0.8  # white noise would give ~0
@@ -103,16 +104,16 @@ def test_scenes_are_spatially_smooth_not_white_noise(dataset):
 def test_reproducible_per_seed(dataset, tmp_path):
     synthetic.write_dataset(tmp_path, num_train=3, num_valid=0, height=40, width=48, seed=11)
     for stem in ("SYNTH_0001", "SYNTH_0003"):
-        a = hsi_io.read_cube(dataset / "Train_Spec" / f"{stem}.mat")
-        b = hsi_io.read_cube(tmp_path / "Train_Spec" / f"{stem}.mat")
+        a = cubes.read_cube(dataset / "Train_Spec" / f"{stem}.mat")
+        b = cubes.read_cube(tmp_path / "Train_Spec" / f"{stem}.mat")
         np.testing.assert_array_equal(a, b)
         jpeg = f"Train_RGB/{stem}.jpg"
         assert (dataset / jpeg).read_bytes() == (tmp_path / jpeg).read_bytes()
     other = tmp_path / "other"
     synthetic.write_dataset(other, num_train=1, num_valid=0, height=40, width=48, seed=12)
     assert not np.array_equal(
-        hsi_io.read_cube(other / "Train_Spec" / "SYNTH_0001.mat"),
-        hsi_io.read_cube(dataset / "Train_Spec" / "SYNTH_0001.mat"),
+        cubes.read_cube(other / "Train_Spec" / "SYNTH_0001.mat"),
+        cubes.read_cube(dataset / "Train_Spec" / "SYNTH_0001.mat"),
     )
 
 

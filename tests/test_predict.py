@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 from stand_in_models import BANDS, conv_model, write_tiny_checkpoint
 
-from cswin_jax import inference, predict
-from cswin_jax import io as hsi_io
+from cswin_jax import cubes, inference, predict
 
 
 def _pixels(height, width, channels=3, dtype=np.uint8, seed=0):
@@ -63,7 +62,7 @@ def test_tiled_and_whole_cubes_agree_away_from_seams(tmp_path, conv, height, wid
     orientation."""
     Image.fromarray(_pixels(height, width, seed=height)).save(tmp_path / "photo.png")
     inputs = [tmp_path / "photo.png"]
-    cubes = {}
+    written_cubes = {}
     for mode in ("whole", "tiled"):
         out = tmp_path / mode
         out.mkdir()
@@ -73,11 +72,13 @@ def test_tiled_and_whole_cubes_agree_away_from_seams(tmp_path, conv, height, wid
         assert not failed and [p.name for p in written] == ["photo.mat", "photo_preview.png"]
         with h5py.File(out / "photo.mat", "r") as f:
             assert f["cube"].shape == (BANDS, width, height)
-        cubes[mode] = hsi_io.read_cube(out / "photo.mat")
+        written_cubes[mode] = cubes.read_cube(out / "photo.mat")
         with Image.open(out / "photo_preview.png") as preview:
             assert preview.size == (width, height) and preview.mode == "RGB"
     away = ~inference.seam_mask(height, width, 128, 16, margin=3)
-    np.testing.assert_allclose(cubes["tiled"][away], cubes["whole"][away], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        written_cubes["tiled"][away], written_cubes["whole"][away], rtol=0, atol=1e-4
+    )
 
 
 def test_folder_with_a_bad_image_writes_the_others(tmp_path, conv):

@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 from stand_in_models import BANDS
 
-from cswin_jax import io as hsi_io
-from cswin_jax import tensorboard_events, viz
+from cswin_jax import cubes, tensorboard_events, viz
 
 
 def _cube(height=24, width=32, seed=0):
@@ -52,8 +51,8 @@ def test_metric_histograms(tmp_path):
 
 def test_cli(tmp_path):
     truth = _cube(40, 50, seed=8)
-    hsi_io.write_cube(tmp_path / "pred.npy", truth * 1.1)
-    hsi_io.write_cube(tmp_path / "truth.mat", truth)
+    cubes.write_cube(tmp_path / "pred.npy", truth * 1.1)
+    cubes.write_cube(tmp_path / "truth.mat", truth)
     Image.fromarray(np.zeros((40, 50, 3), np.uint8) + 90).save(tmp_path / "rgb.png")
     (tmp_path / "metrics.csv").write_text(
         "stem,has_ground_truth,mrae,psnr\na,True,0.1,30\nb,True,0.2,31\nc,False,,\n"

@@ -9,10 +9,10 @@ Layout (MST++ convention; validation scenes also live in `Train_*`):
     <root>/Valid_RGB, Valid_Spec       optional; searched first for the valid split
     <root>/Test_RGB (+ Test_Spec)      optional; the `test` split (RGB only when no cubes)
 
-Files are read by `cswin_jax.io` (its docstring lists the cube formats and the orientation
-fix): RGB with `eight_bit=True` (8-bit RGB as MST++'s cv2.imread gives it), normalised by the
-MST++ per-image min-max; HSI as float32 [H, W, 31], untouched (ARAD stores reflectance-like
-values in [0, 1]), checked against `io.CubeLimits`.
+Files are read by `cswin_jax.io` and `cswin_jax.cubes` (whose docstring lists the cube formats
+and the orientation fix): RGB with `eight_bit=True` (8-bit RGB as MST++'s cv2.imread gives
+it), normalised by the MST++ per-image min-max; HSI as float32 [H, W, 31], untouched (ARAD
+stores reflectance-like values in [0, 1]), checked against `cubes.CubeLimits`.
 
 Every missing or unreadable file raises at construction with the file named and the fix.
 """
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
+from cswin_jax import cubes
 from cswin_jax import io as hsi_io
 
 RGB_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -193,7 +194,7 @@ class FileScenes:
         scenes: Sequence[SceneFiles],
         *,
         num_bands: int = hsi_io.NUM_BANDS,
-        limits: hsi_io.CubeLimits | None = None,
+        limits: cubes.CubeLimits | None = None,
     ):
         self.scenes = list(scenes)
         self.limits = limits
@@ -204,7 +205,7 @@ class FileScenes:
         for scene in self.scenes:
             hw = hsi_io.read_image(scene.rgb_path, eight_bit=True).shape[:2]
             if scene.cube_path is not None:
-                hsi_io.CubeReader(scene.cube_path, rgb_hw=hw, num_bands=num_bands).close()
+                cubes.CubeReader(scene.cube_path, rgb_hw=hw, num_bands=num_bands).close()
             self.sizes.append(hw)
 
     def __len__(self) -> int:
@@ -216,7 +217,7 @@ class FileScenes:
         rgb = hsi_io.read_rgb(scene.rgb_path, eight_bit=True)
         if scene.cube_path is None:
             return rgb, None
-        cube = hsi_io.read_cube(
+        cube = cubes.read_cube(
             scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self.num_bands, limits=self.limits
         )
         return rgb, cube
@@ -225,7 +226,7 @@ class FileScenes:
         """Decoded RGB plus an open cube for windowed reads (lazy mode)."""
         scene = self.scenes[index]
         rgb = hsi_io.read_rgb(scene.rgb_path, eight_bit=True)
-        reader = hsi_io.CubeReader(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self.num_bands)
+        reader = cubes.CubeReader(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self.num_bands)
         return OpenScene(rgb=rgb, read_hsi_window=reader.read_window, close=reader.close)
 
 

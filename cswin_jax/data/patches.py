@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from cswin_jax import io as hsi_io
+from cswin_jax import cubes
 from cswin_jax.config_checks import MEMORY_MODES
 
 
@@ -220,7 +220,7 @@ class LazyStore:
         opened = self._open(scene)
         hsi = opened.read_hsi_window(top, left, size, size)
         # Eager modes check whole cubes at load; here each window is checked as it is read.
-        hsi_io.check_cube(
+        cubes.check_cube(
             hsi,
             f"{self.scenes.stems[scene]} (lazy window at {top},{left})",
             getattr(self.scenes, "limits", None),

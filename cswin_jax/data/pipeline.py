@@ -33,8 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cswin_jax import config_checks, sharding
-from cswin_jax import io as hsi_io
+from cswin_jax import config_checks, cubes, sharding
 from cswin_jax.data import arad, patches, synthetic
 
 SYNTHETIC_FOLDER = "synthetic_data"
@@ -108,7 +107,7 @@ def open_scenes(config, data_root, split: str, *, require_cubes: bool = True):
     """Random-access scenes of `split` for `config.data.source` (files or TFDS records)."""
     source = _source(config)
     num_bands = config.model.out_channels
-    limits = hsi_io.CubeLimits.from_config(config)
+    limits = cubes.CubeLimits.from_config(config)
     if source == "tfds":
         from cswin_jax.data import tfds_arad1k  # noqa: PLC0415
 

@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from cswin_jax import cli
+from cswin_jax import cli, cubes
 from cswin_jax import io as hsi_io
 
 REFLECTANCE_FLOOR = 0.01
@@ -306,7 +306,7 @@ def write_dataset(
     for number, stem in enumerate(stems, start=1):
         rng = np.random.Generator(np.random.Philox(key=[seed, number]))
         scene = make_scene(height, width, rng)
-        hsi_io.write_mat73(out / "Train_Spec" / f"{stem}.mat", scene["cube"], scene["norm_factor"])
+        cubes.write_mat73(out / "Train_Spec" / f"{stem}.mat", scene["cube"], scene["norm_factor"])
         quality = int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
         Image.fromarray(scene["rgb"]).save(out / "Train_RGB" / f"{stem}.jpg", quality=quality)
         scenes_meta[stem] = dict(scene["meta"], jpeg_quality=quality)

@@ -1,8 +1,8 @@
 """TFDS builder `arad1k`: the ARAD-1K / MST++ layout as array_record files, without TensorFlow.
 
 Manual download: point `manual_dir` at a folder in the MST++ layout (ARAD-1K, or the
-synthetic set). `prepare()` reads it with `cswin_jax.data.arad` and `cswin_jax.io` (same
-checks, same orientation fix) and writes `train` / `valid` splits of
+synthetic set). `prepare()` reads it with `cswin_jax.data.arad`, `cswin_jax.io` and
+`cswin_jax.cubes` (same checks, same orientation fix) and writes `train` / `valid` splits of
 
     {'stem': str, 'rgb': [H, W, 3] uint8 (the JPEG as decoded), 'hsi': [H, W, 31] float32 (zlib)}
 
@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cswin_jax import cubes
 from cswin_jax import io as hsi_io
 from cswin_jax.data import arad
 
@@ -85,7 +86,7 @@ class Arad1k(tfds.core.GeneratorBasedBuilder):
         arad.FileScenes(scene_files, num_bands=self._num_bands)
         for scene in scene_files:
             rgb = hsi_io.read_image(scene.rgb_path, eight_bit=True)
-            hsi = hsi_io.read_cube(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self._num_bands)
+            hsi = cubes.read_cube(scene.cube_path, rgb_hw=rgb.shape[:2], num_bands=self._num_bands)
             yield scene.stem, {"stem": scene.stem, "rgb": rgb, "hsi": hsi}
 
 
@@ -139,7 +140,7 @@ class TfdsScenes:
         *,
         excluded_scenes=(),
         num_bands: int = hsi_io.NUM_BANDS,
-        limits: hsi_io.CubeLimits | None = None,
+        limits: cubes.CubeLimits | None = None,
     ):
         self.limits = limits
         tfds_dir = pathlib.Path(tfds_dir)
@@ -189,7 +190,7 @@ class TfdsScenes:
         """(rgb [H, W, 3] float32 in [0, 1], hsi [H, W, bands] float32)."""
         record = self.source[self.indices[index]]
         hsi = np.asarray(record["hsi"], dtype=np.float32)
-        hsi_io.check_cube(hsi, f"{NAME}:{self.stems[index]}", self.limits)
+        cubes.check_cube(hsi, f"{NAME}:{self.stems[index]}", self.limits)
         return hsi_io.normalize_rgb(record["rgb"]), hsi
 
     def open(self, index: int) -> arad.OpenScene:
