@@ -111,6 +111,7 @@ def main(argv):
                 .compile()
             )
             compile_s = time.perf_counter() - t0
+            cswin_jax.release_freed_memory()  # as `programs.compile_all` does after each
             memory = steps[kind].memory_analysis()
             temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "n/a"
             name = "with R1" if kind.r1 else "without R1"

@@ -93,6 +93,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.n_critic = 1  # discriminator update every n_critic generator updates
     c.mixed_precision = True  # bfloat16 compute, float32 params/optimizer/losses
     c.max_consecutive_nonfinite = 10
+    # Divergence guard (off by default): when a validation MRAE is not finite or above
+    # mrae_factor x the best so far, the run goes back to the full training state saved with
+    # the best model and multiplies both learning rates by lr_factor, at most max_rollbacks
+    # times (then it warns and trains on). On, the best model is saved with that state.
+    c.divergence_guard = ml_collections.ConfigDict()
+    c.divergence_guard.enabled = False
+    c.divergence_guard.mrae_factor = 1.5
+    c.divergence_guard.lr_factor = 0.5
+    c.divergence_guard.max_rollbacks = 3
     c.ema_decay = 0.999
     c.train_discriminator = True  # False: generator-only recipe (configs/optimized.py)
 

@@ -4,10 +4,13 @@ On-disk layout under a checkpoint root (`<workdir>/checkpoints`, or `config.chec
 
   <root>/train/<step>/{state,config,data}   CheckpointManager; newest `checkpoint_keep` kept.
                                            `state` is the whole TrainState (params, EMA,
-                                           optimizer states, spectral-norm state, step, RNG),
+                                           optimizer states, spectral-norm state, counters, RNG,
+                                           learning-rate scale),
                                            `data` the grain iterator position, `config` JSON.
   <root>/best/<step>/{weights,config,metrics}  the EMA generator (and discriminator) with the
-                                           lowest validation MRAE; one kept.
+                                           lowest validation MRAE; one kept. With the
+                                           divergence guard on, also `state`: the full
+                                           TrainState the guard rolls back to.
   <root>/damaged/<step>                    training steps found unreadable at resume, moved
                                            aside (never deleted).
 
@@ -47,6 +50,8 @@ MAX_LISTED = 10  # misfit weights named in an error; the rest are counted
 # Training-state fields renamed since earlier versions wrote checkpoints: old name -> new name
 # (`step` and `disc_step` counted updates applied, as `gen_updates` and `disc_updates` do).
 RENAMED_STATE_FIELDS = {"step": "gen_updates", "disc_step": "disc_updates"}
+# Fields added to the training state since then, with the value an older state resumes with.
+ADDED_STATE_FIELDS = {"lr_scale": 1.0, "rollbacks": 0}
 
 
 def _manager(directory: pathlib.Path, item_names: tuple[str, ...], keep: int, *, read_only=False):
@@ -70,7 +75,9 @@ class TrainCheckpointer:
     def __init__(self, root: str | pathlib.Path, *, keep: int):
         self.root = pathlib.Path(root)
         self._train = _manager(self.root / TRAIN_SUBDIR, ("state", "config", "data"), keep)
-        self._best = _manager(self.root / BEST_SUBDIR, ("weights", "config", "metrics"), 1)
+        self._best = _manager(
+            self.root / BEST_SUBDIR, ("weights", "config", "metrics", "state"), 1
+        )
         self._state_bytes = 0
 
     def latest_step(self) -> int | None:
@@ -207,21 +214,36 @@ class TrainCheckpointer:
             return dict(restored["config"])
         return None
 
-    def save_best(self, step: int, weights: Mapping, config: Mapping, mrae: float):
-        """Saves `weights` (EMA generator, discriminator) as the best model."""
+    def save_best(
+        self, step: int, weights: Mapping, config: Mapping, mrae: float, state: Any = None
+    ):
+        """Saves `weights` (EMA generator, discriminator) as the best model, with the full
+        training `state` when given (what `restore_best_state` returns)."""
+        items = {
+            "weights": ocp.args.StandardSave(dict(weights)),
+            "config": ocp.args.JsonSave(dict(config)),
+            "metrics": ocp.args.JsonSave({"mrae": float(mrae), "step": int(step)}),
+        }
+        if state is not None:
+            items["state"] = ocp.args.StandardSave(state)
         with self._disk_errors():
-            self._save_best(step, weights, config, mrae)
+            self._best.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def _save_best(self, step, weights, config, mrae):
-        self._best.save(
-            step,
-            args=ocp.args.Composite(
-                weights=ocp.args.StandardSave(dict(weights)),
-                config=ocp.args.JsonSave(dict(config)),
-                metrics=ocp.args.JsonSave({"mrae": float(mrae), "step": int(step)}),
-            ),
-            force=True,
+    def restore_best_state(self, abstract_state: Any) -> tuple[Any, int] | None:
+        """(the training state saved with the best model, its step), or None when the best
+        model was saved without one (or there is none)."""
+        self._best.wait_until_finished()
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        folder = self.root / BEST_SUBDIR / str(step) / "state"
+        if not folder.exists():
+            return None
+        target, to_current = _as_saved(abstract_state, folder)
+        restored = self._best.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
+        return to_current(restored["state"]), step
 
     def wait(self):
         with self._disk_errors():
@@ -241,8 +263,9 @@ def _as_saved(abstract_state: Any, folder: pathlib.Path) -> tuple[Any, Any]:
     """(restore target, function to today's structure) for the state saved in `folder`.
 
     A state saved before a field of the training state was renamed (`RENAMED_STATE_FIELDS`)
-    restores into a dict under the old field names, and the function rebuilds today's state
-    from it; any other state restores as it is.
+    or added (`ADDED_STATE_FIELDS`) restores into a dict under the names it has, and the
+    function rebuilds today's state from it (added fields at their defaults); any other state
+    restores as it is.
     """
     unchanged = abstract_state, lambda state: state
     if not dataclasses.is_dataclass(abstract_state):
@@ -255,12 +278,20 @@ def _as_saved(abstract_state: Any, folder: pathlib.Path) -> tuple[Any, Any]:
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     old_names = {new: old for old, new in RENAMED_STATE_FIELDS.items()
                  if new in fields and new not in names and old in names}  # fmt: skip
-    if not old_names:
+    added = {name for name in ADDED_STATE_FIELDS if name in fields and name not in names}
+    if not old_names and not added:
         return unchanged
-    target = {old_names.get(name, name): value for name, value in fields.items()}
+    target = {old_names.get(n, n): value for n, value in fields.items() if n not in added}
+
+    def default(name: str) -> jax.Array:
+        like = fields[name]
+        value = np.asarray(ADDED_STATE_FIELDS[name], like.dtype)
+        return jax.device_put(value, getattr(like, "sharding", None))
 
     def to_current(state: Mapping) -> Any:
-        return type(abstract_state)(**{name: state[old_names.get(name, name)] for name in fields})
+        return type(abstract_state)(
+            **{n: default(n) if n in added else state[old_names.get(n, n)] for n in fields}
+        )
 
     return target, to_current
 

@@ -86,6 +86,17 @@ def check_training(config: Any, num_devices: int | None = None) -> None:
         _fail("iterations_per_epoch", f"must be >= 1, got {config.iterations_per_epoch}")
     if not 0.0 <= config.ema_decay < 1.0:
         _fail("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
+    guard = config.divergence_guard
+    if guard.mrae_factor < 1.0:
+        _fail(
+            "divergence_guard.mrae_factor",
+            f"must be >= 1 (a validation MRAE above this multiple of the best rolls the run "
+            f"back), got {guard.mrae_factor}",
+        )
+    if not 0.0 < guard.lr_factor <= 1.0:
+        _fail("divergence_guard.lr_factor", f"must be in (0, 1], got {guard.lr_factor}")
+    if guard.max_rollbacks < 0:
+        _fail("divergence_guard.max_rollbacks", f"must be >= 0, got {guard.max_rollbacks}")
     check_model(config.model)
     if config.model.arch == "mst_plus_plus" and config.train_discriminator:
         _fail(

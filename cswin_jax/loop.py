@@ -24,7 +24,7 @@ from absl import logging
 
 import cswin_jax
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import inference, metrics, models, scoring, sharding
+from cswin_jax import divergence, inference, metrics, models, scoring, sharding
 from cswin_jax.config_checks import validate_config
 from cswin_jax.data import pipeline
 from cswin_jax.programs import compiled_programs
@@ -237,9 +237,28 @@ def train_and_evaluate(
                         step,
                         " ".join(f"{k}={v:.5g}" for k, v in val.items()),
                     )
-                    if val["mrae"] < best_mrae:
+                    guard = config.divergence_guard
+                    if guard.enabled and divergence.diverged(
+                        val["mrae"], best_mrae, guard.mrae_factor
+                    ):
+                        state = divergence.roll_back(
+                            state,
+                            checkpointer,
+                            programs.abstract_state,
+                            guard,
+                            step=step,
+                            mrae=val["mrae"],
+                            best_mrae=best_mrae,
+                        )
+                    elif val["mrae"] < best_mrae:
                         best_mrae = val["mrae"]
-                        checkpointer.save_best(step, _model_weights(state), config_dict, best_mrae)
+                        checkpointer.save_best(
+                            step,
+                            _model_weights(state),
+                            config_dict,
+                            best_mrae,
+                            state=state if guard.enabled else None,
+                        )
                         if is_chief:
                             logging.info(
                                 "new best model (mrae %.5g) written to %s",

@@ -17,6 +17,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import cswin_jax
 from cswin_jax import cli, sharding, train
 from cswin_jax.schedule import StepKind, step_kinds, total_steps
 from cswin_jax.train import TrainState
@@ -56,6 +57,7 @@ _PROGRAMS: dict[tuple, Programs] = {}
 HOST_ONLY_KEYS = (
     "recipe",
     "max_consecutive_nonfinite",
+    "divergence_guard",
     "log_dir",
     "checkpoint_dir",
     "compilation_cache_dir",
@@ -157,5 +159,10 @@ def _step_name(kind) -> str:
 def compile_all(lowered: Mapping) -> dict:
     """`{key: lowered.compile()}`, one after the other: compiling two GAN-step programs side
     by side doubles the compiler's peak memory (enough to kill a two-process run on a small
-    host) for little less wall time."""
-    return {k: v.compile() for k, v in lowered.items()}
+    host) for little less wall time. The memory each compile frees goes back to the kernel
+    before the next one starts, so the next does not stack on it."""
+    compiled = {}
+    for key, program in lowered.items():
+        compiled[key] = program.compile()
+        cswin_jax.release_freed_memory()
+    return compiled

@@ -28,13 +28,12 @@ program (`bench/step_parts.py`: r1 vs r1_cond). One call is one generator update
 
 Spectral-norm state advances on every training-mode discriminator call, as in the original.
 A step whose loss or gradients are not finite changes nothing (parameters, optimizer states,
-EMA) and is counted; the loop stops after `max_consecutive_nonfinite` in a row.
+EMA) and is counted. `TrainState.lr_scale` multiplies both networks' updates (the divergence
+guard lowers it).
 
-Differences from the original CSWIN v2 PyTorch trainer, all deliberate fixes of its defects:
-learning-rate horizons count optimizer steps; eta_min is absolute; R1 fires (½γ, lazy);
-n_critic means "one D step every n_critic G steps"; losses run in float32 under bfloat16
-compute; EMA weights are validated and kept as the best model; every validation scene is
-scored; training resumes exactly.
+Deliberate fixes of the original CSWIN v2 PyTorch trainer: learning-rate horizons count
+optimizer steps; eta_min is absolute; R1 fires (½γ, lazy); n_critic means "one D step every
+n_critic G steps"; losses run in float32 under bfloat16 compute; the EMA weights are validated.
 """
 
 from __future__ import annotations
@@ -73,6 +72,8 @@ class TrainState:
     nonfinite_streak: jax.Array  # consecutive steps with a skipped (G or D) update right now
     nonfinite_peak: jax.Array  # longest streak seen (checked by the host loop)
     nonfinite_total: jax.Array  # steps with a skipped update so far
+    lr_scale: jax.Array  # float32 factor on both learning rates (lowered by the divergence guard)
+    rollbacks: jax.Array  # times the divergence guard rolled the run back
 
 
 class FakeBatch(NamedTuple):
@@ -92,13 +93,10 @@ def _models(config: ml_collections.ConfigDict):
 def _init_key(key: jax.Array) -> jax.Array:
     """A key for parameter initialisation: an RBG key seeded from the run's threefry `key`.
 
-    Flax derives one key per parameter by `fold_in` along the module path, and each threefry
-    `fold_in` or draw is inlined by XLA as a few hundred integer ops: the generator's init
-    (452 fold_ins and ~300 draws, whatever the width) compiled slowly on CPU. XLA's
-    RngBitGenerator does the same work in one op each, so the init compiles in a fraction of
-    the time.
-    It only seeds the initial weights (same distributions, still a pure function of
-    `config.seed`); the run's own stream (`TrainState.rng`) stays threefry.
+    Flax derives one key per parameter by `fold_in`, and XLA inlines each threefry `fold_in`
+    or draw as a few hundred integer ops (the generator's init compiled slowly on CPU); XLA's
+    RngBitGenerator does each in one op. Same distributions, still a pure function of
+    `config.seed`; the run's own stream (`TrainState.rng`) stays threefry.
     """
     seed = jax.random.bits(key, (4,), jnp.uint32)
     return jax.random.wrap_key_data(seed, impl="unsafe_rbg")
@@ -112,11 +110,9 @@ def _finite_update(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
     """Whether an update is finite: the loss and the global gradient norm both are.
 
     Any NaN/Inf gradient entry makes the norm non-finite (so does a norm above ~1.8e19, which
-    clipping could not rescue either). Deliberately not `all(isfinite(leaf) for leaf ...)`:
-    XLA CPU's compile time grows quadratically with the number of leaves for a scalar that is
-    a cheap reduction over all of them and feeds a select on every leaf (the GAN step's
-    state has hundreds of leaves); a scalar computed through a square root compiles in linear
-    time.
+    clipping could not rescue either). Not `all(isfinite(leaf) ...)`: XLA CPU's compile time
+    grows quadratically with the leaves for such a scalar feeding a select on every leaf; one
+    computed through a square root compiles in linear time.
     """
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -195,6 +191,8 @@ def init_state(setup: Setup, rng: jax.Array) -> TrainState:
         nonfinite_streak=zero,
         nonfinite_peak=zero,
         nonfinite_total=zero,
+        lr_scale=jnp.ones((), jnp.float32),
+        rollbacks=zero,
     )
 
 
@@ -301,6 +299,7 @@ def generator_step(setup: Setup, state: TrainState, batch: Mapping[str, jax.Arra
     finite = _finite_update(gen_loss, grad_norm)
 
     updates, new_opt = setup.tx_g.update(grads, state.opt_state_g, state.gen_params)
+    updates = jax.tree.map(lambda u: state.lr_scale * u, updates)
     new_params = optax.apply_updates(state.gen_params, updates)
     decay = setup.config.ema_decay
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
@@ -314,7 +313,7 @@ def generator_step(setup: Setup, state: TrainState, batch: Mapping[str, jax.Arra
     out = {
         "gen_loss": gen_loss,
         "gen_grad_norm": grad_norm,
-        "lr_g": setup.sched_g(state.gen_updates),
+        "lr_g": state.lr_scale * setup.sched_g(state.gen_updates),
         "gen_skipped": (~finite).astype(jnp.int32),
     }
     out.update(terms)
@@ -357,6 +356,7 @@ def _discriminator_update(setup: Setup, state: TrainState, fake: FakeBatch, rgb,
     grad_norm = optax.tree.norm(grads)
     finite = _finite_update(loss, grad_norm)
     updates, new_opt = setup.tx_d.update(grads, state.opt_state_d, state.disc_params)
+    updates = jax.tree.map(lambda u: state.lr_scale * u, updates)
     new_params = optax.apply_updates(state.disc_params, updates)
     state = state.replace(
         disc_params=_tree_select(finite, new_params, state.disc_params),
@@ -390,7 +390,7 @@ def discriminator_step(
     else:
         keys = ("disc_loss", "disc_grad_norm", "disc_skipped", "disc_sinkhorn", "r1")
         new_state, d_out = state, {k: jnp.zeros((), jnp.float32) for k in keys}
-    d_out["lr_d"] = setup.sched_d(state.disc_updates)
+    d_out["lr_d"] = state.lr_scale * setup.sched_d(state.disc_updates)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), d_out)
 
 

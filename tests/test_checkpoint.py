@@ -178,8 +178,9 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
 
 
 def test_state_saved_under_the_old_counter_names_resumes(tmp_path):
-    """A training state written when its counters were `step` / `disc_step` restores into
-    today's TrainState (`gen_updates` / `disc_updates`), every other field as saved."""
+    """A training state written when its counters were `step` / `disc_step` and before it had
+    `lr_scale` / `rollbacks` restores into today's TrainState (`gen_updates` /
+    `disc_updates`; the added fields at their defaults), every other field as saved."""
     zero = np.zeros((), np.int32)
     current = train.TrainState(
         gen_updates=zero,
@@ -194,6 +195,8 @@ def test_state_saved_under_the_old_counter_names_resumes(tmp_path):
         nonfinite_streak=zero,
         nonfinite_peak=np.int32(2),
         nonfinite_total=np.int32(4),
+        lr_scale=np.float32(0.25),
+        rollbacks=np.int32(2),
     )
     fields = {name: getattr(current, name) for name in current.__dataclass_fields__}
     legacy = {
@@ -201,6 +204,8 @@ def test_state_saved_under_the_old_counter_names_resumes(tmp_path):
         for k, v in fields.items()
     }
     legacy["step"], legacy["disc_step"] = np.int32(7), np.int32(3)
+    for name in ckpt_lib.ADDED_STATE_FIELDS:
+        del legacy[name]
     ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=2)
     ckpt.save(5, legacy, {"model": {}}, force=True)
     ckpt.wait()
@@ -209,6 +214,7 @@ def test_state_saved_under_the_old_counter_names_resumes(tmp_path):
     assert int(state.gen_updates) == 7 and int(state.disc_updates) == 3
     np.testing.assert_array_equal(state.opt_state_g["mu"], current.opt_state_g["mu"])
     assert int(state.nonfinite_total) == 4 and state.disc_params is None
+    assert float(state.lr_scale) == 1.0 and int(state.rollbacks) == 0
     # Written again, it is in today's names and restores as it is.
     ckpt.save(6, state, {"model": {}}, force=True)
     ckpt.wait()

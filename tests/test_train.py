@@ -157,6 +157,25 @@ def test_non_finite_batch_is_skipped(tiny_setup, one_device_run):
         np.testing.assert_array_equal(a, b)
 
 
+@SLOW
+def test_lr_scale_scales_both_updates(tiny_setup, one_device_run):
+    """`TrainState.lr_scale` (what the divergence guard lowers) multiplies both networks'
+    updates: at 0 neither network moves, and the logged learning rates are 0."""
+    _, _, _, steps, data, live_state = one_device_run
+    batch = jax.device_put(make_batch(tiny_setup.config, 6), data)
+    frozen = live_state.replace(lr_scale=jax.numpy.zeros_like(live_state.lr_scale))
+    new_state, m = steps[schedule.PLAIN_STEP](frozen, batch)
+    assert float(m["lr_g"]) == 0.0 and float(m["lr_d"]) == 0.0
+    assert int(new_state.gen_updates) == int(live_state.gen_updates) + 1
+    for name in ("gen_params", "disc_params"):
+        for a, b in zip(
+            jax.tree.leaves(getattr(new_state, name)),
+            jax.tree.leaves(getattr(live_state, name)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 # --- several processes: agreement, preemption, clean exits ------------------------------------
 
 
@@ -406,6 +425,46 @@ def test_sigterm_saves_and_returns(tmp_path, monkeypatch):
     state = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.gen_updates) == 1
     assert _checkpoint_steps(tmp_path / "run") == [1]
+
+
+@SLOW
+def test_divergence_guard_rolls_back_to_the_best_state(tmp_path, monkeypatch, caplog):
+    """With the guard on, a validation whose MRAE is not finite sends the run back to the state
+    saved with the best model, with the learning rates halved; the final checkpoint holds it.
+    The best model here is a state of another seed saved beforehand, so that the rollback is
+    plain to see. Same programs as the other loop tests (the guard's keys are host-only)."""
+    config = tiny_config()
+    config.divergence_guard.enabled = True
+    config.divergence_guard.max_rollbacks = 1
+    compiled = programs.compiled_programs(config, sharding.make_mesh())
+    best_state = jax.device_get(compiled.init_fn(jax.random.key(7)))
+    ckpt = ckpt_lib.TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
+    ckpt.save_best(1, loop._model_weights(best_state), config.to_dict(), 0.5, state=best_state)
+    ckpt.close()
+    summarize = loop.scoring.summarize
+
+    def nan_mrae(rows):
+        summary = summarize(rows)
+        summary["mean"]["mrae"] = float("nan")
+        return summary
+
+    monkeypatch.setattr(loop.scoring, "summarize", nan_mrae)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        state = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "step 4: validation MRAE nan is not finite: rolled back to the state of step 1" in (
+        caplog.text
+    )
+    assert float(state.lr_scale) == 0.5 and int(state.rollbacks) == 1
+    state = jax.device_get(state)
+    leaves = zip(
+        jax.tree.leaves(state.gen_params), jax.tree.leaves(best_state.gen_params), strict=True
+    )
+    for a, b in leaves:
+        np.testing.assert_array_equal(a, b)
+    resumed = ckpt_lib.TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
+    saved, step = resumed.restore(compiled.abstract_state)
+    resumed.close()
+    assert step == 4 and float(saved.lr_scale) == 0.5 and int(saved.rollbacks) == 1
 
 
 def test_host_only_keys_do_not_reach_the_step():
