@@ -30,6 +30,7 @@ from cswin_jax.data import pipeline
 from cswin_jax.programs import compiled_programs
 from cswin_jax.schedule import step_kind, total_steps
 from cswin_jax.train import TrainState
+from cswin_jax.train_checkpoint import TrainCheckpointer
 
 
 def _architecture(config_dict: Mapping) -> dict:
@@ -331,7 +332,7 @@ def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
     unless `init_from` is set: then they are moved aside, not deleted, to
     `<root>.replaced-<k>`, and the run starts afresh from the `init_from` weights.
     """
-    checkpointer = ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
+    checkpointer = TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep)
     latest = checkpointer.latest_step()
     if latest is None:
         return checkpointer, None
@@ -362,7 +363,7 @@ def _open_checkpointer(ckpt_root: pathlib.Path, config, config_dict: Mapping):
     sharding.process_zero_first(
         f"cswin_jax_replace_{next(_BARRIERS)}", lambda: _move_aside(ckpt_root)
     )
-    return ckpt_lib.TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep), None
+    return TrainCheckpointer(ckpt_root, keep=config.checkpoint_keep), None
 
 
 def _move_aside(root: pathlib.Path) -> pathlib.Path | None:

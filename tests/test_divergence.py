@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from cswin_jax import checkpoint as ckpt_lib
 from cswin_jax import divergence, train
+from cswin_jax.train_checkpoint import TrainCheckpointer
 
 
 def _state(w: float, lr_scale: float = 1.0, rollbacks: int = 0) -> train.TrainState:
@@ -46,7 +46,7 @@ def test_diverged():
 
 
 def test_roll_back_to_the_best_state_then_no_more(tmp_path, caplog):
-    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=2)
+    ckpt = TrainCheckpointer(tmp_path, keep=2)
     abstract = jax.eval_shape(lambda: _state(0.0))
     with caplog.at_level(logging.WARNING, logger="absl"):
         # No best model yet: nothing to roll back to, training goes on.
@@ -77,7 +77,7 @@ def test_roll_back_to_the_best_state_then_no_more(tmp_path, caplog):
 
 
 def test_best_model_saved_without_its_state_is_not_a_rollback_target(tmp_path):
-    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=2)
+    ckpt = TrainCheckpointer(tmp_path, keep=2)
     ckpt.save_best(2, {"generator": {"params": {"w": np.ones(3)}}}, {}, 0.3)
     assert ckpt.restore_best_state(jax.eval_shape(lambda: _state(0.0))) is None
     ckpt.close()

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cswin_jax import checkpoint as ckpt_lib
+from cswin_jax.train_checkpoint import TrainCheckpointer
 from tests import fault_campaign
 
 
@@ -29,7 +29,7 @@ def _state(value):
 def test_truncated_newest_checkpoint_is_skipped(tmp_path, part):
     """A newest step with a truncated file (what a crash mid-write or a full disk leaves
     behind a finished rename) is skipped: the resume uses the step before, nothing deleted."""
-    ckpt = ckpt_lib.TrainCheckpointer(tmp_path, keep=3)
+    ckpt = TrainCheckpointer(tmp_path, keep=3)
     for step in (1, 2):
         ckpt.save(step, _state(float(step)), {"model": {"step": step}}, force=True)
     ckpt.wait()

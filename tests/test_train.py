@@ -29,6 +29,7 @@ import pytest
 
 from cswin_jax import checkpoint as ckpt_lib
 from cswin_jax import loop, programs, schedule, sharding, train
+from cswin_jax.train_checkpoint import TrainCheckpointer
 from tests import train_setup
 from tests.train_setup import make_batch, tiny_config
 
@@ -438,7 +439,7 @@ def test_divergence_guard_rolls_back_to_the_best_state(tmp_path, monkeypatch, ca
     config.divergence_guard.max_rollbacks = 1
     compiled = programs.compiled_programs(config, sharding.make_mesh())
     best_state = jax.device_get(compiled.init_fn(jax.random.key(7)))
-    ckpt = ckpt_lib.TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
+    ckpt = TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
     ckpt.save_best(1, loop._model_weights(best_state), config.to_dict(), 0.5, state=best_state)
     ckpt.close()
     summarize = loop.scoring.summarize
@@ -461,7 +462,7 @@ def test_divergence_guard_rolls_back_to_the_best_state(tmp_path, monkeypatch, ca
     )
     for a, b in leaves:
         np.testing.assert_array_equal(a, b)
-    resumed = ckpt_lib.TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
+    resumed = TrainCheckpointer(tmp_path / "run" / "checkpoints", keep=2)
     saved, step = resumed.restore(compiled.abstract_state)
     resumed.close()
     assert step == 4 and float(saved.lr_scale) == 0.5 and int(saved.rollbacks) == 1
@@ -568,7 +569,7 @@ def test_checkpoints_of_another_architecture_refused_or_moved_aside(tmp_path):
     root = tmp_path / "checkpoints"
     other = tiny_config()
     other.model.base_channels = 32
-    saver = ckpt_lib.TrainCheckpointer(root, keep=2)
+    saver = TrainCheckpointer(root, keep=2)
     saver.save(3, _toy_state(), other.to_dict())
     saver.wait()
     saver.close()
