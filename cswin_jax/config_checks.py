@@ -50,6 +50,21 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
     """
     check_training(config, num_devices)
     check_data(config.data)
+    _check_divergence_guard(config.divergence_guard)
+
+
+def _check_divergence_guard(guard: Any) -> None:
+    """`config.divergence_guard`, which only the host loop reads."""
+    if guard.mrae_factor < 1.0:
+        _fail(
+            "divergence_guard.mrae_factor",
+            f"must be >= 1 (a validation MRAE above this multiple of the best rolls the run "
+            f"back), got {guard.mrae_factor}",
+        )
+    if not 0.0 < guard.lr_factor <= 1.0:
+        _fail("divergence_guard.lr_factor", f"must be in (0, 1], got {guard.lr_factor}")
+    if guard.max_rollbacks < 0:
+        _fail("divergence_guard.max_rollbacks", f"must be >= 0, got {guard.max_rollbacks}")
 
 
 def check_training(config: Any, num_devices: int | None = None) -> None:
@@ -86,17 +101,6 @@ def check_training(config: Any, num_devices: int | None = None) -> None:
         _fail("iterations_per_epoch", f"must be >= 1, got {config.iterations_per_epoch}")
     if not 0.0 <= config.ema_decay < 1.0:
         _fail("ema_decay", f"must be in [0, 1), got {config.ema_decay}")
-    guard = config.divergence_guard
-    if guard.mrae_factor < 1.0:
-        _fail(
-            "divergence_guard.mrae_factor",
-            f"must be >= 1 (a validation MRAE above this multiple of the best rolls the run "
-            f"back), got {guard.mrae_factor}",
-        )
-    if not 0.0 < guard.lr_factor <= 1.0:
-        _fail("divergence_guard.lr_factor", f"must be in (0, 1], got {guard.lr_factor}")
-    if guard.max_rollbacks < 0:
-        _fail("divergence_guard.max_rollbacks", f"must be >= 0, got {guard.max_rollbacks}")
     check_model(config.model)
     if config.model.arch == "mst_plus_plus" and config.train_discriminator:
         _fail(

@@ -562,6 +562,8 @@ def _toy_state():
         nonfinite_streak=zero,
         nonfinite_peak=zero,
         nonfinite_total=zero,
+        lr_scale=np.float32(1.0),
+        rollbacks=zero,
     )
 
 
