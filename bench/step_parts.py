@@ -11,7 +11,6 @@ Parts (one micro-batch of `--batch` patches of `data.patch_size`, the recipe's d
   d_fwd_bwd    discriminator forward + backward of the summed logits (parameter gradients)
   sinkhorn     the discriminator's Sinkhorn loss on two logit maps, value and both gradients
   r1           the R1 penalty's parameter gradient (double backward through D), alone
-  r1_fwd_rev   the same gradient as a forward-over-reverse Hessian-vector product
   r1_cond      the same as r1 inside a `lax.cond` with a true predicate (why the trainer compiles
                one program per step kind instead of branching inside one)
   gen_step     `train.generator_step` (G, D(real), D(fake) for G, Adam, EMA)
@@ -50,7 +49,6 @@ PARTS = (
     "sinkhorn",
     "r1",
     "r1_cond",
-    "r1_fwd_rev",
     "gen_step",
     "disc_step",
     "disc_step_r1",
@@ -123,16 +121,6 @@ def main(argv):
 
         return jax.grad(penalty)(params)
 
-    def r1_fwd_rev_grad(params):
-        # The same gradient as `r1_grad` as a forward-over-reverse mixed Hessian-vector
-        # product: d/dtheta (f gamma mean_b |g_b|^2) = (2 f gamma / B) H_theta,x g, g = dS/dx.
-        def summed(q, h):
-            return jnp.sum(d_logits(q, sn, h)[0].astype(jnp.float32))
-
-        g = jax.grad(summed, argnums=1)(params, hsi)
-        _, hvp = jax.jvp(lambda h: jax.grad(summed)(params, h), (hsi,), (g,))
-        return jax.tree.map(lambda t: config.loss.r1_gamma / b * t, hvp)
-
     def r1_cond_grad(params, pred):
         return jax.lax.cond(pred, r1_grad, lambda q: jax.tree.map(jnp.zeros_like, q), params)
 
@@ -152,7 +140,6 @@ def main(argv):
         "sinkhorn": (sinkhorn, logits, logits[::-1] * 0.5),
         "r1": (r1_grad, dp),
         "r1_cond": (r1_cond_grad, dp, jnp.bool_(True)),
-        "r1_fwd_rev": (r1_fwd_rev_grad, dp),
         "gen_step": (functools.partial(train.generator_step, setup), state, batch),
         "disc_step": (functools.partial(d_step, kind=plain), state, batch, fake),
         "disc_step_r1": (functools.partial(d_step, kind=with_r1), state, batch, fake),

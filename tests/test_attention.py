@@ -291,6 +291,29 @@ def test_chunked_attention_is_identical(v2_case, monkeypatch, max_unrolled):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_shared_bias_gradient_equals_autodiff_of_the_broadcast_add():
+    """The window bias's gradient (summed over sequences as a matrix-vector product) and the
+    logits' gradient equal autodiff of the plain broadcast add, first and second order."""
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(size=(5, 2, 6, 6)).astype(np.float32))
+    bias = jnp.asarray(rng.normal(size=(2, 6, 6)).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=(5, 2, 6, 6)).astype(np.float32))
+
+    def grads(add):
+        def loss(z, b):
+            return jnp.sum(jnp.tanh(add(z, b)) * weights)
+
+        first = jax.grad(loss, argnums=(0, 1))(logits, bias)
+        second = jax.grad(lambda b: jnp.sum(jax.grad(loss)(logits, b) ** 2))(bias)
+        return (*first, second)
+
+    ours = grads(attention._add_shared_bias)
+    ref = grads(lambda z, b: z + b)
+    assert not np.allclose(np.asarray(ref[1]), 0.0)
+    for got, want in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def _cswin_stripe_reference(x, p, heads, s):
     """Paper CSWin: half the heads in vertical stripes (H x s), half in horizontal (s x W)."""
     b_, h, w, c = x.shape

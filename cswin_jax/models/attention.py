@@ -120,6 +120,30 @@ def window_cyclic_bias(table_line: Array, length: int, split_size: int) -> Array
     return tiled.reshape(heads, length, length)
 
 
+@jax.custom_vjp
+def _add_shared_bias(logits: Array, bias: Array) -> Array:
+    """`logits + bias` for logits [N, ...] and a bias of shape `logits.shape[1:]` shared by all
+    N sequences, with the bias's gradient (the cotangent summed over N) computed as one
+    matrix-vector product. XLA CPU's reduction over the leading axis of these shapes ran ~50x
+    slower than the product (137 ms against 2.5 ms for [266, 4, 133, 133], the default model's
+    first level at batch 2) and was a tenth of the generator's backward pass. Only the
+    summation order differs from autodiff's (tests/test_attention.py checks the gradients)."""
+    return logits + bias
+
+
+def _add_shared_bias_fwd(logits: Array, bias: Array) -> tuple[Array, None]:
+    return logits + bias, None
+
+
+def _add_shared_bias_bwd(_, cotangent: Array) -> tuple[Array, Array]:
+    num = cotangent.shape[0]
+    summed = jnp.dot(jnp.ones((num,), cotangent.dtype), cotangent.reshape(num, -1))
+    return cotangent, summed.reshape(cotangent.shape[1:])
+
+
+_add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
+
+
 def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: float) -> Array:
     """softmax(q k^T * scale + bias) v over sequences, heads-major layout.
 
@@ -128,7 +152,9 @@ def _softmax_attention(q: Array, k: Array, v: Array, bias: Array | None, scale: 
     normalisation is applied after the value product (one division per output, not per logit).
     """
     logits = jnp.einsum("nhid,nhjd->nhij", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
+    if bias is not None and bias.shape == logits.shape[1:]:
+        logits = _add_shared_bias(logits, bias.astype(logits.dtype))
+    elif bias is not None:
         logits = logits + bias
     # The max shift cancels in the softmax; no gradient through it.
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
