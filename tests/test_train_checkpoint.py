@@ -138,7 +138,11 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         # Mounting needs root (CAP_SYS_ADMIN); the injected ENOSPC test above covers the same
         # error path without it.
         reason = " ".join(done.stderr.decode(errors="replace").split()) or "no permission"
-        pytest.skip(f"mounting a 300 KB tmpfs for a real full disk failed ({reason})")
+        pytest.skip(
+            f"mounting a 300 KB tmpfs for a real full disk needs root and failed ({reason}); "
+            "test_disk_full_on_save_is_one_line_and_keeps_earlier_steps covers the same error "
+            "path with an injected ENOSPC"
+        )
     try:
         ckpt = TrainCheckpointer(mount / "ckpt", keep=3)
         ckpt.save(1, _state(1.0), {"model": {}}, force=True)
