@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import cswin_jax
-from cswin_jax import cli, losses, schedule, train
+from cswin_jax import cli, losses, programs, schedule, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH = flags.DEFINE_integer("batch", 2, "patches per micro-batch")
@@ -86,7 +86,7 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
     setup = train.make_setup(config)
-    state = jax.jit(functools.partial(train.init_state, setup))(jax.random.key(0))
+    state = programs.initialise_once(setup, None, jax.random.key(0))
     plain, with_r1 = schedule.PLAIN_STEP, schedule.StepKind(True, True)
     d_step = functools.partial(train.discriminator_step, setup)
     b, p = _BATCH.value, config.data.patch_size

@@ -25,7 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import cswin_jax
-from cswin_jax import cli, schedule, train
+from cswin_jax import cli, programs, schedule, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gan.py", "recipe", lock_config=False)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["2", "20"], "batch sizes to time")
@@ -86,7 +86,7 @@ def main(argv):
         config.batch_size = batch_size
         config.gradient_accumulation_steps = 1
         setup = train.make_setup(config)
-        state = jax.jit(functools.partial(train.init_state, setup))(jax.random.key(0))
+        state = programs.initialise_once(setup, None, jax.random.key(0))  # as the loop does
         interval = max(1, int(config.loss.r1_interval))
         uses_r1 = _R1_STEP.value and bool(config.loss.use_r1) and bool(config.train_discriminator)
         p = config.data.patch_size

@@ -24,7 +24,7 @@ from absl import logging
 
 import cswin_jax
 from cswin_jax import checkpoint as ckpt_lib
-from cswin_jax import divergence, inference, metrics, models, scoring, sharding
+from cswin_jax import cli, divergence, inference, metrics, models, scoring, sharding
 from cswin_jax.config_checks import validate_config
 from cswin_jax.data import pipeline
 from cswin_jax.programs import compiled_programs
@@ -169,7 +169,8 @@ def train_and_evaluate(
             )
         else:
             start = 0
-            state = programs.init_fn(jax.random.key(config.seed))
+            with cli.without_compile_alarm():  # compiled here, and freed once it has run
+                state = programs.init_fn(jax.random.key(config.seed))
             if config.init_from:
                 state = _load_initial_weights(state, config.init_from, state_sharding, config.model)
         # The compiler, the cache loader and the initialiser leave gigabytes freed but held by

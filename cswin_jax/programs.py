@@ -40,7 +40,7 @@ class Programs(NamedTuple):
     abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with their shardings
     state_sharding: TrainState
     batch_sharding: NamedSharding
-    init_fn: jax.stages.Compiled  # rng key -> TrainState
+    init_fn: Callable  # rng key -> TrainState (`initialise_once`: compiled per call, then freed)
     # Per `StepKind` the run has: (state, batch) -> (state, metrics), state donated.
     step_fns: Mapping[StepKind, jax.stages.Compiled]
     # ({'params': generator params}, rgb [B, H, W, 3]) -> hsi: the float32 eval-mode
@@ -104,8 +104,7 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
         return _PROGRAMS[key]
     _PROGRAMS.clear()  # one entry: free the previous config's executables first
     setup = train.make_setup(config)
-    init = functools.partial(train.init_state, setup)
-    state_shape = jax.eval_shape(init, jax.random.key(0))
+    state_shape = jax.eval_shape(functools.partial(train.init_state, setup), jax.random.key(0))
     state_sharding = _state_shardings(state_shape, mesh)
     batch_sharding = _batch_sharding(mesh)
     p = config.data.patch_size
@@ -134,20 +133,39 @@ def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
     started = time.perf_counter()
     with cli.without_compile_alarm():  # the line above says it instead of XLA's banner
         step_fns = compile_all(lowered)
-        init_fn = jax.jit(init, out_shardings=state_sharding)
-        init_fn = init_fn.lower(jax.eval_shape(lambda: jax.random.key(0))).compile()
     logging.info("compiled in %.0f s", time.perf_counter() - started)
     programs = Programs(
         setup=setup,
         abstract_state=abstract_state,
         state_sharding=state_sharding,
         batch_sharding=batch_sharding,
-        init_fn=init_fn,
+        init_fn=functools.partial(initialise_once, setup, state_sharding),
         step_fns=step_fns,
         predict_fn=lambda variables, rgb: train.predict(setup, variables["params"], rgb),
     )
     _PROGRAMS[key] = programs
     return programs
+
+
+def initialise_once(
+    setup: train.Setup, state_sharding: TrainState | None, key: jax.Array
+) -> TrainState:
+    """`train.init_state(setup, key)`, compiled for this call and freed after it.
+
+    The initialiser runs once per run (never on a resume), but its executable is large: one
+    random draw per parameter leaf, and at default width it holds 0.7 GiB of host memory for as
+    long as it lives, which a kept executable would add to every training step's peak. So it
+    is compiled here (from the persistent cache when one is set), run to completion, and
+    dropped; the jitted function is built afresh so that no trace cache keeps it either.
+    Dropping it before its run completes would free it on another thread, too late for the
+    loop's `release_freed_memory`, hence the wait.
+    """
+    shardings = {} if state_sharding is None else {"out_shardings": state_sharding}
+    init = jax.jit(functools.partial(train.init_state, setup), **shardings)
+    compiled = init.lower(key).compile()
+    state = jax.block_until_ready(compiled(key))
+    del compiled, init
+    return state
 
 
 def _step_name(kind) -> str:
