@@ -9,7 +9,8 @@ number for number, in the layout Flax prefers:
   converter reshapes PyTorch's `(out, in, 1, 1)` weights onto them).
 * Depthwise 3x3 convolutions are nine shifted multiply-adds with a `(3, 3, 1, C)` kernel:
   XLA's CPU lowering of grouped convolutions is far slower than this.
-* GroupNorm statistics are always computed in float32 (eps 1e-5, PyTorch's default).
+* GroupNorm statistics are always computed in float32 (eps 1e-5, PyTorch's default); its
+  backward is written out (`group_norm`), keeping x and two numbers per group.
 
 `checkpointed_call` is the rematerialisation the models' `remat` options use.
 
