@@ -88,10 +88,10 @@ def clear_compiled_programs() -> None:
 
 
 def compiled_programs(config: ml_collections.ConfigDict, mesh) -> Programs:
-    """The setup for `config` and its programs on `mesh`, the initialiser and one train
-    step per `StepKind` the run has (`schedule.step_kinds`: with and without R1 for the GAN
-    recipes), compiled ahead of time (`jit(...).lower(...).compile()`) for the
-    loop's batch shape and shardings.
+    """The setup for `config` and its programs on `mesh`: one train step per `StepKind` the
+    run has (`schedule.step_kinds`: with and without R1 for the GAN recipes), compiled ahead
+    of time (`jit(...).lower(...).compile()`) for the loop's batch shape and shardings, and
+    the initialiser, which `initialise_once` compiles when it is called and frees after.
 
     Kept for the newest (config, devices) pair of this process, so another
     `train_and_evaluate` call with the same config (a resume in the same process, a notebook
