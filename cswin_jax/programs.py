@@ -156,9 +156,8 @@ def initialise_once(
     random draw per parameter leaf, and at default width it holds 0.7 GiB of host memory for as
     long as it lives, which a kept executable would add to every training step's peak. So it
     is compiled here (from the persistent cache when one is set), run to completion, and
-    dropped; the jitted function is built afresh so that no trace cache keeps it either.
-    Dropping it before its run completes would free it on another thread, too late for the
-    loop's `release_freed_memory`, hence the wait.
+    dropped. Dropping it before its run completes left the memory held after the loop's
+    `release_freed_memory` (measured: 1.36 against 0.69 GiB resident), hence the wait.
     """
     shardings = {} if state_sharding is None else {"out_shardings": state_sharding}
     init = jax.jit(functools.partial(train.init_state, setup), **shardings)

@@ -275,9 +275,14 @@ class GroupNorm(nn.Module):
         return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
 
 
+def _grouped(x: Array, num_groups: int) -> Array:
+    """x [B, ..., C] as float32 [B, N, G, C/G] (contiguous channel blocks per group)."""
+    return x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+
+
 def _group_statistics(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array, Array]:
-    """x [B, ..., C] -> (x as float32 [B, N, G, C/G], mean, 1/sqrt(var + eps)) [B, 1, G, 1]."""
-    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+    """x [B, ..., C] -> (`_grouped(x)`, mean, 1/sqrt(var + eps)) [B, 1, G, 1]."""
+    grouped = _grouped(x, num_groups)
     mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
     var = jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True)
     return grouped, mean, lax.rsqrt(var + epsilon)
@@ -292,8 +297,7 @@ def group_norm(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: fl
     float32 copies of x (1.1 GiB of the default generator's residuals at batch 2, 128 x 128).
     Differentiable again, for second-order gradients.
     """
-    grouped, mean, inv_std = _group_statistics(x, num_groups, epsilon)
-    return ((grouped - mean) * inv_std).reshape(x.shape) * scale + bias
+    return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
@@ -305,7 +309,7 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
 def _group_norm_bwd(num_groups, epsilon, residuals, cotangent):
     del epsilon
     x, scale, mean, inv_std = residuals
-    grouped = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+    grouped = _grouped(x, num_groups)
     normed = (grouped - mean) * inv_std
     cotangent = cotangent.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
