@@ -108,8 +108,8 @@ def main(argv):
     def g_loss(params):
         return losses.charbonnier(g_forward(params).astype(jnp.float32), hsi)
 
-    def d_logits(params, sn_state, h):
-        return train._disc_train(setup, params, sn_state, rgb, h)
+    def d_logits(params, sn_state, h, for_r1=False):
+        return train._disc_train(setup, params, sn_state, rgb, h, for_r1=for_r1)
 
     def d_sum(params):
         logits, _ = d_logits(params, sn, hsi)
@@ -117,7 +117,9 @@ def main(argv):
 
     def r1_grad(params):
         def penalty(q):
-            return losses.r1_penalty(lambda h: d_logits(q, sn, h), hsi, config.loss.r1_gamma)[0]
+            return losses.r1_penalty(
+                lambda h: d_logits(q, sn, h, for_r1=True), hsi, config.loss.r1_gamma
+            )[0]
 
         return jax.grad(penalty)(params)
 

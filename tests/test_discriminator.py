@@ -413,3 +413,41 @@ def test_remat_matches_plain(golden_tiny):
     _assert_close(remat[1][0], g.train_second_0, "remat output")
     for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (29, 31)])
+def test_strided_via_subsample_matches_strided(golden_tiny, size):
+    """`strided_via_subsample` (the R1 penalty's discriminator call) changes speed, not numbers:
+    same logits, spectral-norm updates, R1 penalty and R1 parameter gradient (the double
+    backward this layout exists for), also at odd sizes where the stride-2 output is
+    ceil(H / 2). Tolerance rtol 1e-5 / atol 1e-6: the stride-1 convolution sums the same
+    products, so only float32 rounding may differ."""
+    from cswin_jax import losses
+
+    g = golden_tiny
+    rgb, hsi = g.rgb[:, : size[0], : size[1]], g.hsi[:, : size[0], : size[1]]
+    subsampled = g.model.clone(strided_via_subsample=True)
+
+    def r1(model):
+        def penalty(params):
+            def logits_fn(h):
+                return model.apply(
+                    {"params": params, "spectral_norm": g.vars_1["spectral_norm"]},
+                    rgb,
+                    h,
+                    train=True,
+                    mutable=["spectral_norm"],
+                )
+
+            logits, upd = logits_fn(hsi)
+            value, _ = losses.r1_penalty(logits_fn, hsi, 10.0)
+            return value, (logits, upd)
+
+        return jax.jit(jax.value_and_grad(penalty, has_aux=True))(g.vars_1["params"])
+
+    plain, fast = r1(g.model), r1(subsampled)
+    assert fast[0][1][0].shape == plain[0][1][0].shape
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if size == (32, 32):
+        _assert_close(fast[0][1][0], g.train_second_0, "subsampled output")
