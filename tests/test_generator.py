@@ -21,12 +21,19 @@ from configs.base import complete, get_config
 from cswin_jax.convert import torch_to_flax
 from cswin_jax.models.generator import (
     DualTransformerBlock,
+    DWConvBlock,
     Generator,
     Resample,
     build_generator,
     output_head,
 )
-from cswin_jax.models.layers import checkpointed_call, gelu
+from cswin_jax.models.layers import (
+    DepthwiseConv3x3,
+    Pointwise,
+    adaptive_group_norm,
+    checkpointed_call,
+    gelu,
+)
 from tests import golden_parity
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -415,6 +422,39 @@ def test_remat_policies_give_identical_values_and_gradients():
         )
 
 
+def test_dwconv_block_recomputation_keeps_values_and_gradients():
+    """`DWConvBlock` recomputes its depthwise -> pointwise pair in the backward pass with the
+    pointwise layer's written-out backward: its output and its gradients (parameters and
+    input) equal those of the plain chain of the same layers under autodiff (rtol 1e-4 /
+    atol 1e-6: float32 rounding of a differently fused graph)."""
+
+    class PlainChain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = DepthwiseConv3x3(name="depthwise")(x)
+            x = Pointwise(12, name="pointwise")(x)
+            return gelu(adaptive_group_norm(12, 4, name="norm")(x))
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 5, 7, 8)).astype(np.float32)
+    block = DWConvBlock(12, 4)
+    params = _random_params(block, x)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.eval_shape(PlainChain().init, jax.random.PRNGKey(0), x)["params"]
+    )
+    weights = rng.normal(size=(2, 5, 7, 12)).astype(np.float32)
+
+    def value_and_grads(module):
+        def loss(p, x):
+            return jnp.sum(module.apply({"params": p}, x) * weights)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    ours, plain = value_and_grads(block), value_and_grads(PlainChain())
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
+        _assert_close(a, b, "DWConvBlock", rtol=1e-4, atol=1e-6, golden=None)
+
+
 def test_generator_applies_remat_policy(micro):
     model, params, rgb = micro
 
@@ -428,9 +468,11 @@ def test_generator_applies_remat_policy(micro):
         p: len(re.findall(r"\bcustom_vjp_call\[\s*name=call\b", jaxpr_text(p)))
         for p in ("none", "attention", "block")
     }
-    # 10 blocks: 2 attention branches each under 'attention'; under 'block' the whole block
-    # and, nested in it, its 2 attention branches, feed-forward and noise-aware block.
-    assert counts == {"none": 0, "attention": 20, "block": 50}, counts
+    # 10 blocks, each with 3 `DWConvBlock`s (feed-forward 1, noise-aware block 2) that always
+    # recompute their depthwise -> pointwise pair: 30 under every policy. On top of them, 2
+    # attention branches per block under 'attention'; under 'block' the whole block and,
+    # nested in it, its 2 attention branches, feed-forward and noise-aware block.
+    assert counts == {"none": 30, "attention": 30 + 20, "block": 30 + 50}, counts
 
 
 class _BlockStack(nn.Module):
